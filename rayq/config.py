@@ -1,0 +1,98 @@
+"""The one schema of rayq's settings: pydantic models shared by the Python API, job files and CLI.
+
+Field names match the flags of `rayq compress` (with dashes for underscores). Unknown keys are
+errors, and validation reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rayq.errors import ConfigError
+from rayq.quant.schemes import FLOAT, SCHEMES
+
+SchemeName = Literal["int4", "int8", "w8a8"]
+
+
+class PinSetting(BaseModel):
+    """Keep matching layers float or give them a fixed scheme."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str = Field(description="Regular expression that must match a whole layer name.")
+    scheme: Literal["float", "int4", "int8", "w8a8"] = Field(
+        description="`float` keeps the layer unquantized; a scheme name forces that scheme.")
+
+
+class QuantizationSettings(BaseModel):
+    """Settings of the scoring and planning; the Python API and job files share them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(
+        0.005, description="Sensitivity threshold: each layer takes the most compressed scheme "
+        "whose QS is at most this. 0 applies only output-preserving transformations. Default 0.005.")
+    schemes: list[SchemeName] = Field(
+        default_factory=lambda: ["int4", "int8"],
+        description="Candidate schemes, any of int4, int8, w8a8. Default: int4 and int8.")
+    pins: list[PinSetting] = Field(
+        default_factory=list, description="Layers kept float or given a fixed scheme by name pattern.")
+    activation_method: Literal["mse", "percentile", "minmax"] = Field(
+        "mse", description="How w8a8 input ranges are calibrated: mse (default), percentile, minmax.")
+    activation_percentile: float = Field(
+        99.99, gt=50, le=100, description="Percentile of |values| kept by the percentile method.")
+    clip_search: bool = Field(
+        True, description="Search a clipped weight scale per group with less error than absmax.")
+    evaluation_batches: int | None = Field(
+        None, ge=1, description="Held-out batches taken from the end of the calibration data. "
+        "Default: a tenth of them when there are ten or more, else the calibration batches.")
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _finite_threshold(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("expected a finite number >= 0, such as 0.005")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected a finite number >= 0, such as 0.005") from None
+        if not math.isfinite(number) or number < 0:
+            raise ValueError("expected a finite number >= 0, such as 0.005")
+        return number
+
+    @field_validator("schemes")
+    @classmethod
+    def _nonempty_unique(cls, value):
+        if not value:
+            raise ValueError(f"expected at least one of {sorted(SCHEMES)}")
+        if len(set(value)) != len(value):
+            raise ValueError("each scheme may appear once")
+        return value
+
+
+def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
+    """Turn pydantic's errors into one ConfigError with a line per field: path, value, rule."""
+    problems = []
+    for error in exc.errors():
+        path = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{path}: unknown key; check its spelling against `rayq compress --help`")
+            continue
+        value = error.get("input")
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{path}: invalid value {value!r}: {message}")
+    return ConfigError(f"invalid settings in {source}", problems)
+
+
+def quantization_settings(**values) -> QuantizationSettings:
+    try:
+        return QuantizationSettings(**values)
+    except ValidationError as exc:
+        raise format_validation_error(exc, "compress() arguments") from None
+
+
+__all__ = ["FLOAT", "PinSetting", "QuantizationSettings", "format_validation_error",
+           "quantization_settings"]

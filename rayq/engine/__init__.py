@@ -1,0 +1,1 @@
+"""The in-process compression pipeline: validate, fold, score, plan, build, evaluate."""

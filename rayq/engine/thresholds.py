@@ -1,0 +1,74 @@
+"""The threshold guidance table: size and end-to-end error for a ladder of thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+
+from rayq.engine.evaluate import Fidelity
+from rayq.planning.plan import Decision
+from rayq.quant.schemes import FLOAT, SCHEMES
+
+LADDER = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 5e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+RECOMMENDED_THRESHOLD = 0.005
+
+THRESHOLDS_SCHEMA = pa.schema(
+    [("threshold", pa.float64()), ("chosen", pa.bool_())]
+    + [(f"layers_{name}", pa.int64()) for name in (*SCHEMES, FLOAT)]
+    + [("model_bytes", pa.int64()), ("compression_ratio", pa.float64()),
+       ("relative_error", pa.float64()), ("cosine_mean", pa.float64()),
+       ("cosine_min", pa.float64()), ("in_sample", pa.bool_())]
+)
+
+
+@dataclass(frozen=True)
+class ThresholdRow:
+    threshold: float
+    decisions: list[Decision]
+    model_bytes: int
+    fidelity: Fidelity | None
+
+
+def thresholds_table(chosen: float, rows: list[ThresholdRow], float_bytes: int,
+                     in_sample: bool) -> pa.Table:
+    records = []
+    for row in rows:
+        counts = {name: 0 for name in (*SCHEMES, FLOAT)}
+        for decision in row.decisions:
+            counts[decision.scheme] += 1
+        fidelity = row.fidelity
+        records.append({
+            "threshold": row.threshold, "chosen": row.threshold == chosen,
+            **{f"layers_{k}": v for k, v in counts.items()},
+            "model_bytes": row.model_bytes,
+            "compression_ratio": float_bytes / row.model_bytes if row.model_bytes else None,
+            "relative_error": fidelity.relative_error if fidelity else None,
+            "cosine_mean": fidelity.cosine_mean if fidelity else None,
+            "cosine_min": fidelity.cosine_min if fidelity else None,
+            "in_sample": in_sample,
+        })
+    return pa.Table.from_pylist(records, schema=THRESHOLDS_SCHEMA)
+
+
+def ladder_with(chosen: float, ladder: tuple[float, ...] = LADDER) -> list[float]:
+    return sorted(set(ladder) | {chosen})
+
+
+def evaluate_ladder(thresholds: list[float], plan_for: Callable[[float], list[Decision]],
+                    bytes_for: Callable[[list[Decision]], int],
+                    fidelity_for: Callable[[list[Decision]], Fidelity] | None) -> list[ThresholdRow]:
+    """Plan each threshold and measure each distinct plan once."""
+    measured: dict[tuple, Fidelity] = {}
+    rows = []
+    for threshold in thresholds:
+        decisions = plan_for(threshold)
+        key = tuple((d.layer, d.scheme) for d in decisions)
+        fidelity = None
+        if fidelity_for is not None:
+            if key not in measured:
+                measured[key] = fidelity_for(decisions)
+            fidelity = measured[key]
+        rows.append(ThresholdRow(threshold, decisions, bytes_for(decisions), fidelity))
+    return rows

@@ -1,0 +1,1 @@
+"""Model structure: which layers are quantizable, BatchNorm folding, the compressed module."""

@@ -1,0 +1,1 @@
+"""Quantization numerics: pure functions of tensors, free of Ray and I/O."""

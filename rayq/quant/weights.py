@@ -1,0 +1,156 @@
+"""Symmetric weight quantization on a row-major view of a weight tensor.
+
+Every scheme sees a weight as a matrix of rows (one row per output channel, embedding row or
+gate row) and quantizes each row in groups of consecutive elements, one float32 scale per group.
+Rounding is round-half-to-even (`torch.round`) everywhere, in scoring, in the compressed module,
+in fine-tuning and in export, so the paths agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The smallest normal float32. A scale below it would lose precision or flush to zero.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+# Clipping factors tried per group: the scale is factor * absmax / qmax, and the factor with the
+# least squared reconstruction error wins. 1.0 (plain absmax) is always a candidate.
+CLIP_FACTORS = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.85, 0.82, 0.8, 0.75, 0.7)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one weight scheme stores a row: bits, integer limit and group width (None: whole row)."""
+
+    bits: int
+    qmax: int
+    group_size: int | None
+
+    def group_width(self, columns: int) -> int:
+        if self.group_size is None:
+            return columns
+        return min(self.group_size, columns)
+
+    def scale_count(self, columns: int) -> int:
+        width = self.group_width(columns)
+        return -(-columns // width)
+
+    def code_bytes(self, rows: int, columns: int) -> int:
+        """Bytes of the stored integer codes for a (rows, columns) matrix."""
+        if self.bits == 4:
+            return rows * (-(-columns // 2))
+        return rows * columns
+
+
+INT8_WEIGHTS = WeightFormat(bits=8, qmax=127, group_size=None)
+INT4_WEIGHTS = WeightFormat(bits=4, qmax=7, group_size=128)
+
+
+def _grouped(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Reshape (R, C) to (R, G, width), padding the last group with zeros."""
+    count, columns = rows.shape
+    padded = -(-columns // width) * width
+    if padded != columns:
+        rows = torch.nn.functional.pad(rows, (0, padded - columns))
+    return rows.reshape(count, padded // width, width)
+
+
+def _round_codes(groups: torch.Tensor, scales: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -qmax, qmax)
+
+
+def choose_scales(rows: torch.Tensor, fmt: WeightFormat, search: bool = True) -> torch.Tensor:
+    """Compute float32 scales of shape (R, G) for a float (R, C) matrix.
+
+    A group of zeros gets scale 1.0, so its codes are zeros and it dequantizes to exact zeros.
+    With `search`, each group takes the clipping factor with the least squared error.
+    """
+    groups = _grouped(rows.detach().float(), fmt.group_width(rows.shape[1]))
+    absmax = groups.abs().amax(dim=-1)
+    best = _scales_for(absmax, 1.0, fmt.qmax)
+    if not search:
+        return best
+
+    best_error = _group_error(groups, best, fmt.qmax)
+    for factor in CLIP_FACTORS[1:]:
+        scales = _scales_for(absmax, factor, fmt.qmax)
+        error = _group_error(groups, scales, fmt.qmax)
+        better = error < best_error
+        best = torch.where(better, scales, best)
+        best_error = torch.where(better, error, best_error)
+    return best
+
+
+def _scales_for(absmax: torch.Tensor, factor: float, qmax: int) -> torch.Tensor:
+    scales = (absmax * factor / qmax).clamp_min(MIN_SCALE)
+    return torch.where(absmax > 0, scales, torch.ones_like(scales))
+
+
+def _group_error(groups: torch.Tensor, scales: torch.Tensor, qmax: int) -> torch.Tensor:
+    restored = _round_codes(groups, scales, qmax) * scales.unsqueeze(-1)
+    return (restored - groups).pow(2).sum(dim=-1)
+
+
+def quantize_rows(rows: torch.Tensor, scales: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """Return int8 codes of shape (R, C) for a float matrix and its (R, G) scales."""
+    columns = rows.shape[1]
+    groups = _grouped(rows.detach().float(), fmt.group_width(columns))
+    codes = _round_codes(groups, scales, fmt.qmax).to(torch.int8)
+    return codes.reshape(rows.shape[0], -1)[:, :columns]
+
+
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """Return the float32 (R, C) matrix that int8 codes and their scales represent."""
+    columns = codes.shape[1]
+    groups = _grouped(codes.float(), fmt.group_width(columns))
+    return (groups * scales.unsqueeze(-1)).reshape(codes.shape[0], -1)[:, :columns]
+
+
+class _RoundThrough(torch.autograd.Function):
+    """Quantize and dequantize in the forward pass; pass gradients straight through.
+
+    The forward value is exactly `dequantize_rows(quantize_rows(...))`, so a fine-tuned module and
+    the module exported from it give the same outputs. Gradients of elements clipped at the integer
+    limit are zeroed, as usual for a straight-through estimator.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, scales, qmax, width):
+        columns = rows.shape[1]
+        groups = _grouped(rows.float(), width)
+        ratio = groups / scales.unsqueeze(-1)
+        inside = (ratio.abs() <= qmax + 0.5).reshape(rows.shape[0], -1)[:, :columns]
+        ctx.save_for_backward(inside)
+        codes = torch.clamp(torch.round(ratio), -qmax, qmax)
+        restored = (codes * scales.unsqueeze(-1)).reshape(rows.shape[0], -1)[:, :columns]
+        return restored
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+def fake_quantize_rows(rows: torch.Tensor, scales: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """Return the dequantized float32 matrix, differentiable with a straight-through estimator."""
+    return _RoundThrough.apply(rows, scales, fmt.qmax, fmt.group_width(rows.shape[1]))
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int4 codes in [-8, 7] two per byte (low nibble first) into a uint8 (R, ceil(C/2))."""
+    rows, columns = codes.shape
+    if columns % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """Invert `pack_int4`, returning int8 codes of shape (R, columns)."""
+    low = (packed & 0xF).to(torch.int16)
+    high = (packed >> 4).to(torch.int16)
+    nibbles = torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)[:, :columns]
+    signed = torch.where(nibbles >= 8, nibbles - 16, nibbles)
+    return signed.to(torch.int8)

@@ -1,0 +1,1 @@
+"""Calibration passes: activation statistics and quantization sensitivity (QS) sums."""

@@ -1,0 +1,199 @@
+"""One-pass quantization sensitivity: QS sums of every layer and scheme from one float pass.
+
+For each call of a quantizable layer, a forward hook receives the input the layer got in the float
+model and its float output, reruns the layer with quantized weights (and, for `w8a8`, a quantized
+input) and adds the squared error and the squared float output to float64 sums. No input is kept
+after its call, so memory stays near that of a float forward pass plus one layer's outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from rayq.model.layers import LayerSpec
+from rayq.quant.activations import ActivationParams, Histogram, fake_quantize_activation
+from rayq.quant.schemes import Scheme
+from rayq.scoring.batches import Batch, call_model, float_tensors
+from rayq.scoring.quantized import WeightBank
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerSums:
+    """QS sums of one layer over one batch (or, after reduction, over all batches)."""
+
+    calls: int = 0
+    denominator: float = 0.0
+    numerators: dict[str, float] = field(default_factory=dict)
+    nonfinite_inputs: int = 0
+    nonfinite_outputs: int = 0
+
+    def add(self, other: "LayerSums") -> None:
+        self.calls += other.calls
+        self.denominator += other.denominator
+        for scheme, value in other.numerators.items():
+            self.numerators[scheme] = self.numerators.get(scheme, 0.0) + value
+        self.nonfinite_inputs += other.nonfinite_inputs
+        self.nonfinite_outputs += other.nonfinite_outputs
+
+
+# Partial sums keyed by global batch index, then by layer name.
+BatchSums = dict[int, dict[str, LayerSums]]
+
+
+def reduce_sums(partials: BatchSums, layers: list[LayerSpec]) -> dict[str, LayerSums]:
+    """Add per-batch sums in global batch order, so any split of the batches gives equal bits."""
+    totals = {layer.name: LayerSums() for layer in layers}
+    for index in sorted(partials):
+        for name, sums in partials[index].items():
+            totals[name].add(sums)
+    return totals
+
+
+def qs_value(numerator: float, denominator: float) -> float:
+    """QS from its sums, with defined values where the ratio is degenerate.
+
+    Equal outputs give exactly 0.0 (also over a zero signal), a nonzero error over a zero signal
+    gives +inf, and a NaN numerator stays NaN so that it never passes a threshold test.
+    """
+    if math.isnan(numerator) or math.isnan(denominator):
+        return math.nan
+    if numerator == 0.0:
+        return 0.0
+    if denominator == 0.0:
+        return math.inf
+    return numerator / denominator
+
+
+def _squared_norm(tensors: list[torch.Tensor]) -> float:
+    return float(sum(torch.sum(t.detach().double().square()) for t in tensors))
+
+
+def _squared_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    if len(outputs) != len(reference):
+        return math.nan
+    total = 0.0
+    for out, ref in zip(outputs, reference):
+        total += float(torch.sum((out.detach().double() - ref.double()).square()))
+    return total
+
+
+def _count_nonfinite(value: Any) -> int:
+    return sum(int((~torch.isfinite(t)).sum()) for t in float_tensors(value))
+
+
+class _Scorer:
+    def __init__(self, layers: list[LayerSpec], schemes: list[Scheme], bank: WeightBank,
+                 activations: dict[str, ActivationParams]):
+        self.layers = layers
+        self.schemes = schemes
+        self.bank = bank
+        self.activations = activations
+        self.current: dict[str, LayerSums] = {}
+        self.busy = False
+
+    def hook(self, layer: LayerSpec, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.busy:  # the quantized reruns below call the module again
+            return
+        sums = self.current.setdefault(layer.name, LayerSums())
+        sums.calls += 1
+        bad_inputs = _count_nonfinite((args, kwargs))
+        if bad_inputs:
+            sums.nonfinite_inputs += bad_inputs
+            return
+        reference = list(float_tensors(output))
+        bad_outputs = _count_nonfinite(reference)
+        if bad_outputs:
+            sums.nonfinite_outputs += bad_outputs
+            return
+        sums.denominator += _squared_norm(reference)
+
+        self.busy = True
+        try:
+            for scheme in self.schemes:
+                if scheme.name in layer.unfit:
+                    continue
+                error = self._scheme_error(layer, scheme, module, args, kwargs, reference)
+                sums.numerators[scheme.name] = sums.numerators.get(scheme.name, 0.0) + error
+        finally:
+            self.busy = False
+
+    def _scheme_error(self, layer, scheme, module, args, kwargs, reference) -> float:
+        weights = self.bank.dequantized(layer.name, scheme.name)
+        if scheme.quantize_input:
+            params = self.activations.get(layer.name)
+            if params is None or not args:
+                return math.nan
+            args = (fake_quantize_activation(args[0], params), *args[1:])
+        output = functional_call(module, weights, args, kwargs)
+        return _squared_error(list(float_tensors(output)), reference)
+
+
+@contextmanager
+def _hooks(model: nn.Module, layers: list[LayerSpec], callback, pre: bool = False) -> Iterator[None]:
+    handles = []
+    for layer in layers:
+        module = model.get_submodule(layer.name)
+        if pre:
+            fn = (lambda m, a, k, spec=layer: callback(spec, m, a, k))
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        else:
+            fn = (lambda m, a, k, o, spec=layer: callback(spec, m, a, k, o))
+            handles.append(module.register_forward_hook(fn, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def score_batches(model: nn.Module, layers: list[LayerSpec], schemes: list[Scheme],
+                  bank: WeightBank, activations: dict[str, ActivationParams],
+                  batches: Iterable[tuple[int, Batch]], progress=None) -> BatchSums:
+    """Run the float model over indexed batches and return the QS sums of each batch."""
+    scorer = _Scorer(layers, schemes, bank, activations)
+    partials: BatchSums = {}
+    with torch.no_grad(), _hooks(model, layers, scorer.hook):
+        for index, batch in batches:
+            scorer.current = {}
+            call_model(model, batch, index)
+            partials[index] = scorer.current
+            if progress is not None:
+                progress(1)
+    return partials
+
+
+def gather_activation_stats(model: nn.Module, layers: list[LayerSpec],
+                            batches: Iterable[tuple[int, Batch]], progress=None) -> dict[str, Histogram]:
+    """Histogram the first input of each layer that can take an input-quantized scheme."""
+    eligible = [layer for layer in layers if "w8a8" not in layer.unfit]
+    stats: dict[str, Histogram] = {}
+
+    def observe(layer: LayerSpec, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            stats.setdefault(layer.name, Histogram()).observe(args[0])
+
+    with torch.no_grad(), _hooks(model, eligible, observe, pre=True):
+        for index, batch in batches:
+            call_model(model, batch, index)
+            if progress is not None:
+                progress(1)
+    return stats
+
+
+def merge_stats(parts: list[dict[str, Histogram]]) -> dict[str, Histogram]:
+    """Merge activation histograms computed on disjoint shares of the data; exact in any order."""
+    merged: dict[str, Histogram] = {}
+    for part in parts:
+        for name, hist in part.items():
+            merged[name] = merged[name].merge(hist) if name in merged else hist
+    return merged
