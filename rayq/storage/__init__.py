@@ -1,0 +1,1 @@
+"""Reading and writing runs: local folders and S3 through one pyarrow filesystem interface."""
