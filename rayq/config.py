@@ -73,6 +73,50 @@ class QuantizationSettings(BaseModel):
         return value
 
 
+class ExecutionSettings(BaseModel):
+    """Where scoring runs: in the calling process, or on Ray actors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int | None = Field(
+        None, ge=1, description="Ray actors that score the calibration data. Default: in-process "
+        "for the Python API, 1 for the CLI.")
+    address: str | None = Field(
+        None, description="Ray cluster address to join (or set RAY_ADDRESS). Default: start a "
+        "local Ray instance on 127.0.0.1.")
+    worker_cpus: float | None = Field(None, gt=0, description="CPUs per worker. Default 1.")
+    worker_gpus: float | None = Field(
+        None, ge=0, description="GPUs per worker. Default: 1 where the cluster has GPUs, else 0.")
+    max_restarts: int = Field(2, ge=0, description="Times each worker may be replaced after it "
+                              "dies before the run fails. Default 2.")
+
+
+class JobConfig(QuantizationSettings, ExecutionSettings):
+    """A `rayq compress` job: what a job file holds and what the flags set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Hugging Face model folder, python:package.module:function, "
+                       "or the name of an installed package that ships a model.")
+    model_weights: str | None = Field(
+        None, description="safetensors weights loaded into a python: factory's model.")
+    calibration: str = Field(description="pydoc:topics, a .txt, .parquet or .safetensors file, "
+                             "local or s3://.")
+    evaluation: str | None = Field(None, description="Held-out data in the same formats. Default: "
+                                   "the last tenth of the calibration batches.")
+    output: str = Field(description="Output folder, file://PATH or s3://BUCKET/PREFIX.")
+    batch_size: int = Field(16, ge=1, description="Samples per calibration batch. Default 16.")
+    max_batches: int | None = Field(None, ge=1, description="Use at most this many batches.")
+    max_length: int = Field(128, ge=1, description="Tokens per text sample, at most. Default 128.")
+    overwrite: bool = Field(False, description="Replace a finished run at the output location.")
+
+    def quantization(self) -> QuantizationSettings:
+        return QuantizationSettings(**{k: getattr(self, k) for k in QuantizationSettings.model_fields})
+
+    def execution(self) -> ExecutionSettings:
+        return ExecutionSettings(**{k: getattr(self, k) for k in ExecutionSettings.model_fields})
+
+
 def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
     """Turn pydantic's errors into one ConfigError with a line per field: path, value, rule."""
     problems = []
@@ -94,5 +138,5 @@ def quantization_settings(**values) -> QuantizationSettings:
         raise format_validation_error(exc, "compress() arguments") from None
 
 
-__all__ = ["FLOAT", "PinSetting", "QuantizationSettings", "format_validation_error",
+__all__ = ["FLOAT", "ExecutionSettings", "JobConfig", "PinSetting", "QuantizationSettings", "format_validation_error",
            "quantization_settings"]

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from rayq.config import QuantizationSettings, quantization_settings
+from rayq.config import ExecutionSettings, QuantizationSettings, quantization_settings
 from rayq.engine import build, tables, thresholds
 from rayq.engine.evaluate import Fidelity, measure, reference_outputs
 from rayq.errors import DataError, ModelError
@@ -170,17 +170,25 @@ class CompressResult:
 
 def compress(model: nn.Module, calibration: Iterable[Batch], *, threshold: float = 0.005,
              schemes: Iterable[str] = ("int4", "int8"), pins: list[dict] | None = None,
-             evaluation: Iterable[Batch] | None = None, backend_factory=None,
+             evaluation: Iterable[Batch] | None = None, workers: int | None = None,
+             address: str | None = None, source: dict | None = None, backend_factory=None,
              **options) -> CompressResult:
     """Compress `model` by post-training quantization, in the calling process.
 
     `calibration` yields batches: a tensor (the one positional argument), a tuple of positional
     arguments, or a dict of keyword arguments. Held-out batches come from `evaluation`, else from
     the last tenth of the calibration batches when there are ten or more. Further options are
-    the fields of `rayq.config.QuantizationSettings`.
+    the fields of `rayq.config.QuantizationSettings` and `rayq.config.ExecutionSettings`.
+
+    Scoring runs in the calling process unless `workers` or `address` is given; then it runs on
+    Ray actors, which load the model from `source` when there is one.
     """
+    execution_keys = (set(ExecutionSettings.model_fields) - {"workers", "address"}) | {"fault"}
+    execution = {k: options.pop(k) for k in list(options) if k in execution_keys}
     settings = quantization_settings(threshold=threshold, schemes=list(schemes),
                                      pins=pins or [], **options)
+    if backend_factory is None and (workers is not None or address is not None):
+        backend_factory = _ray_backend_factory(model, source, workers or 1, address, execution)
     batches = list(calibration)
     scoring, held_out, in_sample = split_batches(batches, list(evaluation or []),
                                                  settings.evaluation_batches)
@@ -199,7 +207,26 @@ def compress(model: nn.Module, calibration: Iterable[Batch], *, threshold: float
     timings["plan_and_evaluate_s"] = time.perf_counter() - started
     result.timings.update(timings)
     result.workers = list(getattr(backend, "workers", []))
+    if hasattr(backend, "shutdown"):
+        backend.shutdown()
     return result
+
+
+def _ray_backend_factory(model: nn.Module, source: dict | None, workers: int, address: str | None,
+                         execution: dict):
+    from rayq.driver import cluster
+    from rayq.driver.backend import RayBackend
+
+    fault = execution.pop("fault", None)  # testing hook, see rayq.driver.worker
+    settings = ExecutionSettings(workers=workers, address=address, **execution)
+    cluster.connect(address)
+    payload = {"source": source} if source else {"module": model}
+
+    def factory(prepared_model, layers, quantization):
+        return RayBackend(quantization, payload, workers=workers, worker_cpus=settings.worker_cpus,
+                          worker_gpus=settings.worker_gpus, max_restarts=settings.max_restarts,
+                          fault=fault)
+    return factory
 
 
 def run_scoring(backend: ScoringBackend, prepared: Prepared, settings: QuantizationSettings,

@@ -24,6 +24,7 @@ from rayq.storage.location import parse_location
 logger = logging.getLogger(__name__)
 
 PYDOC = "pydoc:topics"
+LENGTH_WINDOW_BATCHES = 8
 
 
 def pydoc_paragraphs() -> list[str]:
@@ -63,10 +64,20 @@ def tokenize(paragraphs: list[str], tokenizer: Any, batch_size: int, max_length:
     if tokenizer is None:
         raise DataError("text calibration data needs a model with a tokenizer; give Parquet or "
                         "safetensors tensors for this model instead")
+    # Paragraphs of similar length share a batch, so few positions are padding: padded positions
+    # would add outputs that no real input produces to every layer's QS sums. Sorting happens
+    # within windows of a few batches, so the last batches (held out by default) still come
+    # from the end of the text.
+    lengths = [len(ids) for ids in tokenizer(paragraphs, truncation=True, max_length=max_length)["input_ids"]]
+    window = batch_size * LENGTH_WINDOW_BATCHES
+    ordered = []
+    for start in range(0, len(paragraphs), window):
+        ordered += sorted(range(start, min(start + window, len(paragraphs))), key=lambda i: lengths[i])
     batches = []
-    for start in range(0, len(paragraphs), batch_size):
-        encoded = tokenizer(paragraphs[start:start + batch_size], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
+    for start in range(0, len(ordered), batch_size):
+        texts = [paragraphs[i] for i in ordered[start:start + batch_size]]
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
         batches.append({k: v for k, v in encoded.items()})
     return batches
 

@@ -87,7 +87,7 @@ def write_run(result, location: str | Location, config: dict, source: dict | Non
     loc = parse_location(location) if isinstance(location, str) else location
     check_writable(loc, overwrite)
     files = run_files(result, source)
-    manifest = manifest_for(files, config, result.workers, extra)
+    manifest = manifest_for(files, config, result.workers, {"source": source, **(extra or {})})
     files_with_manifest = {**files, MANIFEST: json.dumps(manifest, indent=2).encode()}
     if loc.is_local:
         _write_local(loc, files_with_manifest)

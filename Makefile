@@ -1,0 +1,25 @@
+# `make demo` and `make test` create .venv/ on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+# Pins torch to the CPU build; an unpinned torch would pull a multi-GB CUDA build.
+PIP := $(VENV)/bin/pip install --quiet -c constraints.txt
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -r requirements.lock
+	$(PIP) --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rayq compress jobs/minilm.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

