@@ -138,8 +138,10 @@ _MSE_FRACTIONS = torch.cat([torch.logspace(-2, 0, 48, dtype=torch.float64)])
 def _mse_range(hist: Histogram) -> ActivationParams:
     """Pick the clipping range with the least expected squared error.
 
-    The error of a range is the rounding noise of the values inside it (step**2 / 12 each) plus the
-    squared distance of each clipped value to the nearest end, summed over the histogram bins.
+    The error of a range is the rounding noise of the values inside it plus the squared distance of
+    each clipped value to the nearest end, summed over the histogram bins. Zero is exactly
+    representable, so a value within half a step of it rounds to 0 and costs its own square; a
+    value farther out costs the uniform rounding noise step**2 / 12.
     """
     used = hist.counts > 0
     values = BIN_CENTERS[used].clamp(hist.minimum, hist.maximum)
@@ -154,7 +156,8 @@ def _mse_range(hist: Histogram) -> ActivationParams:
     inside = (values >= low) & (values <= high)
     clipped = values.clamp(min=low, max=high)
     clip_error = ((values - clipped).pow(2) * counts).sum(-1)
-    round_error = (inside.double() * counts).sum(-1) * step.squeeze(-1).pow(2) / 12.0
+    noise = torch.where(values.abs() < step / 2, values.square(), step.square() / 12.0)
+    round_error = (inside.double() * noise * counts).sum(-1)
     error = clip_error + round_error
 
     flat = int(torch.argmin(error))

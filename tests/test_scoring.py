@@ -1,0 +1,390 @@
+"""Quantization sensitivity (QS): the one-pass method against a layer-by-layer reference, exact
+merging of partial results, memory use of the scoring pass and degenerate scores."""
+
+import copy
+import gc
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import rayq
+from rayq.engine.compress import Scores, prepare
+from rayq.planning.plan import make_plan
+from rayq.quant.activations import calibrate
+from rayq.quant.schemes import SCHEMES, by_compression
+from rayq.scoring.quantized import WeightBank
+from rayq.scoring.sensitivity import (gather_activation_stats, merge_stats, qs_value, reduce_sums,
+                                      score_batches)
+
+ALL_SCHEMES = ["int4", "w8a8", "int8"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on a busy machine the thread handoffs
+    # make each small op many times slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class CustomLinear(nn.Linear):
+    """A Linear subclass, which must be found and quantized like a Linear."""
+
+
+class MixedModel(nn.Module):
+    """21 quantizable layers of every supported kind, fed from token ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.lin1 = CustomLinear(16, 32)
+        self.c1_group = nn.Conv1d(32, 32, 3, padding=1, groups=4)
+        self.c1_depth = nn.Conv1d(32, 32, 3, padding=1, groups=32)
+        self.c1_point = nn.Conv1d(32, 16, 1)
+        self.ct1 = nn.ConvTranspose1d(16, 24, 3, padding=1, groups=4)
+        self.ct1_depth = nn.ConvTranspose1d(24, 24, 3, padding=1, groups=24)
+        self.lin2 = nn.Linear(24, 16)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.gru = nn.GRU(16, 16, batch_first=True)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.gpt_in = Conv1D(48, 16)
+        self.gpt_out = Conv1D(16, 48)
+        self.widen = CustomLinear(16, 160)
+        self.narrow = nn.Linear(160, 16)  # rows of 160: int4 groups of 128 and 32
+        self.c2 = nn.Conv2d(1, 64, 3, padding=1)
+        self.c2_group = nn.Conv2d(64, 64, 3, padding=1, groups=4)
+        self.c2_depth = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.ct2 = nn.ConvTranspose2d(64, 12, 3, stride=2, groups=2)  # rows of 32 * 9 = 288
+        self.c2_out = nn.Conv2d(12, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(20, 10)
+
+    def forward(self, tokens):
+        x = self.lin1(self.embed(tokens)).transpose(1, 2)
+        x = self.c1_point(torch.relu(self.c1_depth(self.c1_group(x))))
+        x = self.ct1_depth(self.ct1(x)).transpose(1, 2)
+        x = self.lin2(x)
+        x, _ = self.lstm(x)
+        x, _ = self.gru(x)
+        attended, _ = self.mha(x, x, x)
+        x = self.norm(x + attended)
+        x = x + self.gpt_out(nn.functional.gelu(self.gpt_in(x)))
+        x = x + self.narrow(torch.relu(self.widen(x)))
+        image = self.c2_depth(torch.relu(self.c2_group(self.c2(x.unsqueeze(1)))))
+        image = self.c2_out(self.ct2(image))
+        return self.head(torch.cat([x.mean(1), image.mean((2, 3))], dim=1))
+
+
+def token_batches(count: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50, (3, 12), generator=generator) for _ in range(count)]
+
+
+def mixed_model() -> nn.Module:
+    torch.manual_seed(0)
+    return MixedModel().eval()
+
+
+# The reference below quantizes weights with its own code, written from the scheme definitions:
+# one row per output channel, groups of consecutive row elements, scale = absmax / qmax in float32.
+
+def weight_paths(module: nn.Module) -> list[str]:
+    if isinstance(module, nn.MultiheadAttention):
+        return ["in_proj_weight", "out_proj.weight"]
+    if isinstance(module, (nn.LSTM, nn.GRU)):
+        return [name for name, _ in module.named_parameters() if name.startswith("weight_")]
+    return ["weight"]
+
+
+def layer_kind(module: nn.Module) -> str:
+    if isinstance(module, Conv1D):
+        return "transposed"
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        return "conv_transpose"
+    return "rows"
+
+
+def output_channel_rows(weight: torch.Tensor, kind: str, groups: int) -> torch.Tensor:
+    if kind == "transposed":
+        return weight.t().contiguous()
+    if kind == "rows":
+        return weight.reshape(weight.shape[0], -1)
+    in_per_group = weight.shape[0] // groups
+    return torch.stack([weight[g * in_per_group:(g + 1) * in_per_group, j].reshape(-1)
+                        for g in range(groups) for j in range(weight.shape[1])])
+
+
+def weight_from_rows(rows: torch.Tensor, like: torch.Tensor, kind: str, groups: int) -> torch.Tensor:
+    if kind == "transposed":
+        return rows.t().contiguous()
+    if kind == "rows":
+        return rows.reshape(like.shape)
+    weight = torch.empty_like(like)
+    in_per_group, out_per_group = like.shape[0] // groups, like.shape[1]
+    for g in range(groups):
+        for j in range(out_per_group):
+            block = rows[g * out_per_group + j].reshape(in_per_group, *like.shape[2:])
+            weight[g * in_per_group:(g + 1) * in_per_group, j] = block
+    return weight
+
+
+def reference_dequantize(weight: torch.Tensor, kind: str, groups: int, scheme: str) -> torch.Tensor:
+    fmt = SCHEMES[scheme].weights
+    rows = output_channel_rows(weight.detach().float(), kind, groups)
+    width = rows.shape[1] if fmt.group_size is None else min(fmt.group_size, rows.shape[1])
+    restored = torch.empty_like(rows)
+    for start in range(0, rows.shape[1], width):
+        block = rows[:, start:start + width]
+        absmax = block.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(absmax > 0, absmax / fmt.qmax, torch.ones_like(absmax))
+        codes = torch.clamp(torch.round(block / scale), -fmt.qmax, fmt.qmax)
+        restored[:, start:start + width] = codes * scale
+    return weight_from_rows(restored, weight, kind, groups).to(weight.dtype)
+
+
+def reference_fake_quantize(values: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    codes = torch.clamp(torch.round(values.float() / scale) + zero_point, 0, 255)
+    return ((codes - zero_point) * scale).to(values.dtype)
+
+
+def floating_tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in floating_tensors(item)]
+    return []
+
+
+def record_calls(model: nn.Module, names: list[str], batches: list) -> dict[str, list]:
+    """Record (args, kwargs, float output) of every call of the named layers."""
+    calls: dict[str, list] = {name: [] for name in names}
+
+    def recorder(name):
+        def hook(module, args, kwargs, output):
+            # deepcopy keeps aliasing: MultiheadAttention's query, key and value stay one tensor.
+            calls[name].append(copy.deepcopy((args, kwargs, output)))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(recorder(n), with_kwargs=True)
+               for n in names]
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    return calls
+
+
+def reference_qs(model: nn.Module, name: str, scheme: str, calls: list, input_params) -> float:
+    """Run one layer alone on its recorded float inputs with dequantized weights."""
+    layer = copy.deepcopy(model.get_submodule(name))
+    kind, groups = layer_kind(layer), getattr(layer, "groups", 1)
+    with torch.no_grad():
+        for path in weight_paths(layer):
+            weight = layer.get_parameter(path)
+            weight.copy_(reference_dequantize(weight, kind, groups, scheme))
+
+    error = signal = 0.0
+    with torch.no_grad():
+        for args, kwargs, output in calls:
+            if SCHEMES[scheme].quantize_input:
+                args = (reference_fake_quantize(args[0], *input_params), *args[1:])
+            quantized = floating_tensors(layer(*args, **kwargs))
+            for out, ref in zip(quantized, floating_tensors(output), strict=True):
+                error += float((out.double() - ref.double()).pow(2).sum())
+                signal += float(ref.double().pow(2).sum())
+    return error / signal
+
+
+def test_one_pass_qs_matches_layer_by_layer_reference():
+    model = mixed_model()
+    batches = token_batches(3)
+    result = rayq.compress(model, batches, threshold=0.005, schemes=ALL_SCHEMES, clip_search=False)
+    rows = result.sensitivity.to_pylist()
+    names = sorted({row["layer"] for row in rows})
+    assert len(names) >= 20
+    assert "mha.out_proj" not in names  # part of the attention layer, scored with it
+
+    calls = record_calls(model, names, batches)
+    compared = 0
+    for row in rows:
+        if not row["fits"]:
+            continue
+        params = (row["input_scale"], row["input_zero_point"])
+        expected = reference_qs(model, row["layer"], row["scheme"], calls[row["layer"]], params)
+        # Same float32 layer arithmetic on both sides; only the order of float64 sums differs.
+        assert row["qs"] == pytest.approx(expected, rel=1e-6), (row["layer"], row["scheme"])
+        assert row["calls"] == len(calls[row["layer"]])
+        compared += 1
+    assert compared >= 3 * 20 - 6  # w8a8 does not fit Embedding, LSTM, GRU, MultiheadAttention
+
+
+def test_module_types_in_sensitivity_table():
+    result = rayq.compress(mixed_model(), token_batches(1), schemes=["int8"])
+    types = {row["layer"]: row["module_type"] for row in result.sensitivity.to_pylist()}
+    assert types["lin1"] == "CustomLinear"
+    assert types["gpt_in"] == "Conv1D"
+    assert types["ct2"] == "ConvTranspose2d"
+    assert types["mha"] == "MultiheadAttention"
+
+
+def score_in_parts(prepared, schemes, parts: list[list[tuple[int, torch.Tensor]]]):
+    """Score disjoint shares of the batches as separate workers would, then merge."""
+    stats = merge_stats([gather_activation_stats(prepared.model, prepared.layers, part)
+                         for part in reversed(parts)])
+    activations = {name: calibrate(hist) for name, hist in stats.items()}
+    partials = {}
+    for part in parts:
+        bank = WeightBank(prepared.model, prepared.layers, by_compression(schemes))
+        partials.update(score_batches(prepared.model, prepared.layers, by_compression(schemes),
+                                      bank, activations, part))
+    return stats, activations, reduce_sums(partials, prepared.layers)
+
+
+def test_split_batches_give_identical_scores():
+    prepared = prepare(mixed_model())
+    indexed = list(enumerate(token_batches(6, seed=1)))
+    whole_stats, whole_params, whole = score_in_parts(prepared, ALL_SCHEMES, [indexed])
+    split_stats, split_params, split = score_in_parts(
+        prepared, ALL_SCHEMES, [indexed[4:], indexed[:1], indexed[1:4]])
+
+    assert whole_stats.keys() == split_stats.keys()
+    for name in whole_stats:
+        assert torch.equal(whole_stats[name].counts, split_stats[name].counts)
+        assert whole_stats[name].minimum == split_stats[name].minimum
+        assert whole_stats[name].maximum == split_stats[name].maximum
+    assert whole_params == split_params
+
+    # Bitwise equality, not approximate: partial sums are reduced in global batch order.
+    for name, sums in whole.items():
+        assert split[name].calls == sums.calls
+        assert split[name].denominator == sums.denominator
+        assert split[name].numerators == sums.numerators
+
+    kept = prepared.kept
+    whole_scores = Scores(prepared.layers, kept, whole, whole_params, ALL_SCHEMES).layer_scores()
+    split_scores = Scores(prepared.layers, kept, split, split_params, ALL_SCHEMES).layer_scores()
+    assert whole_scores == split_scores
+    for threshold in (0.0, 1e-4, 1e-3, 5e-3, 3e-2):
+        assert (make_plan(whole_scores, ALL_SCHEMES, threshold)
+                == make_plan(split_scores, ALL_SCHEMES, threshold))
+
+
+def live_activation_tensors(numel: int) -> int:
+    """Count distinct storages of live tensors with exactly `numel` elements."""
+    storages = set()
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.numel() == numel:
+            storages.add(obj.untyped_storage().data_ptr())
+    return len(storages)
+
+
+def peak_live_activations(model: nn.Sequential, numel: int, run) -> int:
+    """The most activation-sized tensors alive when any layer of `model` starts a call."""
+    peak = 0
+
+    def count(module, args):
+        nonlocal peak
+        peak = max(peak, live_activation_tensors(numel))
+
+    handles = [layer.register_forward_pre_hook(count) for layer in model]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peak
+
+
+def test_scoring_does_not_keep_layer_inputs():
+    depth, rows, width = 12, 24, 96
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)]).eval()
+    prepared = prepare(model)
+    schemes = by_compression(ALL_SCHEMES)
+    bank = WeightBank(prepared.model, prepared.layers, schemes)
+    batches = [(0, torch.randn(rows, width))]
+    stats = gather_activation_stats(prepared.model, prepared.layers, batches)
+    activations = {name: calibrate(hist) for name, hist in stats.items()}
+
+    def score():
+        score_batches(prepared.model, prepared.layers, schemes, bank, activations, batches)
+
+    peak = peak_live_activations(prepared.model, rows * width, score)
+    # The batch itself and the current layer's input are alive; a scorer that kept every
+    # layer's input would reach `depth`.
+    assert peak <= 4
+
+    # The measurement itself can see kept inputs: a hook that keeps them reaches `depth`.
+    kept = []
+    handles = [layer.register_forward_hook(lambda m, a, o: kept.append(a[0]))
+               for layer in prepared.model]
+    try:
+        assert peak_live_activations(prepared.model, rows * width, score) >= depth
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Degenerate(nn.Module):
+    """A zero layer, a layer whose float output cancels to 0, and an ordinary layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.zero = nn.Linear(3, 2)
+        self.cancel = nn.Linear(3, 1, bias=False)
+        self.plain = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.zero.weight.zero_()
+            self.zero.bias.zero_()
+            # 1 - 0.5 - 0.5 is exactly 0 in float; quantized, -0.5 rounds to a code that is not
+            # half of the code of 1 (half-to-even), so the quantized output is not 0.
+            self.cancel.weight.copy_(torch.tensor([[1.0, -0.5, -0.5]]))
+
+    def forward(self, x):
+        return self.zero(x), self.cancel(x), self.plain(x)
+
+
+def test_degenerate_scores():
+    result = rayq.compress(Degenerate().eval(), [torch.ones(2, 3)], threshold=0.5,
+                           schemes=["int4", "int8"])
+    qs = {(row["layer"], row["scheme"]): row["qs"] for row in result.sensitivity.to_pylist()}
+    plan = {row["layer"]: row for row in result.plan.to_pylist()}
+
+    assert qs[("zero", "int4")] == 0.0
+    assert qs[("zero", "int8")] == 0.0
+    assert qs[("cancel", "int4")] == math.inf
+    assert qs[("cancel", "int8")] == math.inf
+    assert plan["cancel"]["scheme"] == "float"
+    assert all(not math.isnan(v) for v in qs.values())
+
+
+@pytest.mark.parametrize("numerator, denominator, expected", [
+    (0.0, 0.0, 0.0), (0.0, 2.0, 0.0), (1.0, 0.0, math.inf), (1.0, 4.0, 0.25), (8.0, 2.0, 4.0),
+])
+def test_qs_value_cases(numerator, denominator, expected):
+    assert qs_value(numerator, denominator) == expected
+
+
+def test_qs_value_keeps_nan():
+    assert math.isnan(qs_value(math.nan, 1.0))
+    assert math.isnan(qs_value(1.0, math.nan))
+
+
+def test_reduce_order_is_batch_order():
+    # Floating-point addition is not associative; the reduction must not depend on dict order.
+    prepared = prepare(nn.Sequential(nn.Linear(4, 4)).eval())
+    schemes = by_compression(["int8"])
+    bank = WeightBank(prepared.model, prepared.layers, schemes)
+    generator = torch.Generator().manual_seed(2)
+    batches = [(i, torch.randn(2, 4, generator=generator) * 10 ** (i % 5)) for i in range(10)]
+    partials = score_batches(prepared.model, prepared.layers, schemes, bank, {}, batches)
+    shuffled = list(partials.items())
+    random.Random(0).shuffle(shuffled)
+    assert reduce_sums(dict(shuffled), prepared.layers) == reduce_sums(partials, prepared.layers)
