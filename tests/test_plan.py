@@ -45,7 +45,8 @@ def test_zero_score_passes_threshold_zero():
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0, 1e300])
 def test_nan_score_never_passes(threshold):
-    decision = make_plan([score("fc", int4=math.nan, int8=math.nan)], ["int4", "int8"], threshold)[0]
+    scores = [score("fc", int4=math.nan, int8=math.nan)]
+    decision = make_plan(scores, ["int4", "int8"], threshold)[0]
     assert decision.scheme == FLOAT
     assert "int4" in decision.reason
 
@@ -154,7 +155,8 @@ def test_tied_layer_kept_float_keeps_partner_float():
 
 
 def test_higher_threshold_never_quantizes_less():
-    scores = [score(f"l{i}", int4=0.001 * i, w8a8=0.0005 * i, int8=0.0001 * i) for i in range(1, 30)]
+    scores = [score(f"l{i}", int4=0.001 * i, w8a8=0.0005 * i, int8=0.0001 * i)
+              for i in range(1, 30)]
     rank = {FLOAT: 3, "int8": 2, "w8a8": 1, "int4": 0}
     previous = None
     for threshold in (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1.0):

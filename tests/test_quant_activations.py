@@ -57,7 +57,9 @@ def test_histogram_of_only_nonfinite_calibrates_safely():
         assert params.scale > 0
 
 
-@pytest.mark.parametrize("low, high", [(-3.0, 5.0), (0.0, 2.0), (-7.5, 0.0), (0.5, 4.0), (-0.1, 1e4)])
+@pytest.mark.parametrize("low, high", [
+    (-3.0, 5.0), (0.0, 2.0), (-7.5, 0.0), (0.5, 4.0), (-0.1, 1e4),
+])
 def test_zero_is_exactly_representable(low, high):
     params = params_for_range(low, high)
     assert QMIN <= params.zero_point <= QMAX
@@ -94,7 +96,7 @@ def test_percentile_clips_outliers():
     values = torch.randn(100_000, generator=torch.Generator().manual_seed(3))
     values[:3] = 1_000.0
     params = calibrate(histogram_of(values), "percentile", percentile=99.9)
-    # The 99.9th percentile of |N(0, 1)| is about 3.3; the histogram bins are about 3% wide.
+    # The 99.9th percentile of |N(0, 1)| is about 3.3, and the histogram bins are about 3% wide.
     assert params.high < 5.0
     assert params.low > -5.0
 

@@ -178,6 +178,7 @@ def gather_conv_transpose_rows(weight: torch.Tensor, groups: int) -> torch.Tenso
 
 @pytest.mark.parametrize("groups", [1, 2, 3])
 def test_conv_transpose_rows_are_output_channels(groups):
+    torch.manual_seed(0)
     conv = torch.nn.ConvTranspose2d(6, 4 * groups, 3, groups=groups)
     layout = Layout("conv_transpose", groups)
     weight = conv.weight.detach()
@@ -191,6 +192,7 @@ def test_conv_transpose_rows_are_output_channels(groups):
 
 def test_conv_transpose_scales_follow_output_channels():
     # 8 input channels, 6 output channels: one scale per output channel, never per input channel.
+    torch.manual_seed(0)
     conv = torch.nn.ConvTranspose1d(8, 6, 3, groups=2)
     quantized = quantize_weight(conv.weight.detach(), Layout("conv_transpose", 2), INT8_WEIGHTS,
                                 search=False)
@@ -220,7 +222,7 @@ def test_quantize_weight_keeps_shape_and_dtype(layout, shape):
     assert restored.dtype == torch.bfloat16
     assert quantized.scales.dtype == torch.float32
     relative = (restored.float() - weight.float()).norm() / weight.float().norm()
-    assert relative < 0.2  # int4 with one scale per row of at most 12 values: about 0.05-0.1
+    assert relative < 0.2  # int4, one scale per row of at most 24 values: measured 0.07 to 0.08
 
 
 def test_weight_bytes_count_packed_codes_and_scales():

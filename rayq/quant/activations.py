@@ -140,7 +140,7 @@ def _mse_range(hist: Histogram) -> ActivationParams:
 
     The error of a range is the rounding noise of the values inside it plus the squared distance of
     each clipped value to the nearest end, summed over the histogram bins. Zero is exactly
-    representable, so a value within half a step of it rounds to 0 and costs its own square; a
+    representable, so a value within half a step of it rounds to 0 and costs its own square. A
     value farther out costs the uniform rounding noise step**2 / 12.
     """
     used = hist.counts > 0

@@ -132,6 +132,8 @@ class _Scorer:
         if scheme.quantize_input:
             params = self.activations.get(layer.name)
             if params is None or not args:
+                # NOTE: a layer whose input arrives as a keyword argument gets NaN for w8a8, which
+                # the plan treats as flagged; marking the scheme as not fitting would be clearer.
                 return math.nan
             args = (fake_quantize_activation(args[0], params), *args[1:])
         output = functional_call(module, weights, args, kwargs)

@@ -32,7 +32,8 @@ def quant_config(model: nn.Module, folded: list[tuple[str, str]], source: dict |
     tensor_ids: dict[int, int] = {}
     weights = []
     inputs = []
-    for name, module in model.named_modules(remove_duplicate=False):
+    # A module registered under two names is listed once; its alias shares the same object.
+    for name, module in model.named_modules():
         for attribute, plist in getattr(module, "parametrizations", {}).items():
             quantized = plist[0]
             if not isinstance(quantized, QuantizedWeight):
