@@ -1,8 +1,9 @@
 """rayq: post-training quantization of PyTorch models, guided by per-layer sensitivity."""
 
+from rayq.api import load, save
 from rayq.engine.compress import CompressResult, compress
 from rayq.errors import RayqError
 from rayq.model.compressed import enable_training, freeze
 
-__all__ = ["CompressResult", "RayqError", "compress", "enable_training", "freeze"]
+__all__ = ["CompressResult", "RayqError", "compress", "enable_training", "freeze", "load", "save"]
 __version__ = "0.1.0"

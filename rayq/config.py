@@ -44,6 +44,10 @@ class QuantizationSettings(BaseModel):
         "mse", description="How w8a8 input ranges are calibrated: mse (default), percentile, minmax.")
     activation_percentile: float = Field(
         99.99, gt=50, le=100, description="Percentile of |values| kept by the percentile method.")
+    sensitivity_mode: Literal["local", "end_to_end"] = Field(
+        "local", description="local (default): one float pass scores every layer on its own "
+        "output. end_to_end: also quantize one layer at a time and measure the whole model's "
+        "output, at one model pass per layer, scheme and batch; the plan then uses these scores.")
     clip_search: bool = Field(
         True, description="Search a clipped weight scale per group with less error than absmax.")
     evaluation_batches: int | None = Field(

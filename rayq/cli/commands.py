@@ -151,7 +151,7 @@ def plan(args: argparse.Namespace) -> int:
     from rayq.planning.plan import check_threshold
     from rayq.sources.models import load_source
     from rayq.storage.location import parse_location
-    from rayq.storage.run import check_writable, open_run, write_run
+    from rayq.storage.run import check_writable, open_run
 
     started = time.perf_counter()
     threshold = check_threshold(args.threshold)
@@ -165,7 +165,7 @@ def plan(args: argparse.Namespace) -> int:
                         "re-planned from the command line; use CompressResult.replan in Python")
     loaded = load_source(source, trust_code=args.trust_code)
     prepared = prepare(loaded.module)
-    scores = scores_from_table(run.table("sensitivity"), prepared)
+    scores = scores_from_table(run.table("sensitivity"), prepared, job.sensitivity_mode)
 
     from rayq.sources.data import load_batches
 

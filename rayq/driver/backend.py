@@ -18,11 +18,11 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from rayq.config import QuantizationSettings
 from rayq.driver import cluster
-from rayq.driver.placement import WorkerRequest, check_placement, default_request
+from rayq.driver.placement import check_placement, default_request
 from rayq.driver.worker import ScoringWorker
 from rayq.errors import RayqError, RunFailedError
 from rayq.quant.activations import Histogram
-from rayq.scoring.sensitivity import merge_stats
+from rayq.scoring.sensitivity import merge_partials, merge_stats
 
 logger = logging.getLogger(__name__)
 
@@ -73,28 +73,45 @@ class RayBackend:
         size = self.chunk_batches
         return [batches[i:i + size] for i in range(0, len(batches), size)]
 
-    def _run(self, method: str, batches, *args) -> list:
-        chunks = deque((ray.put(chunk), [i for i, _ in chunk]) for chunk in self._chunks(batches))
+    def _run(self, method: str, batches, *args, layer_groups: list[list[str]] | None = None
+             ) -> tuple[list, list[int]]:
+        """Run `method` on every work item; return the results and the batches each slot ran.
+
+        A work item is a chunk of batches, or with `layer_groups` a chunk and a group of layers.
+        A failed run kills the remaining actors, so their resources go back to the cluster.
+        """
+        chunks = [(ray.put(chunk), [i for i, _ in chunk]) for chunk in self._chunks(batches)]
+        groups = layer_groups or [None]
+        items = deque((ref, indices, group) for group in groups for ref, indices in chunks)
+        try:
+            return self._run_items(method, items, args)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _run_items(self, method: str, items: deque, args: tuple) -> tuple[list, list[int]]:
         idle = deque(range(len(self.slots)))
-        in_flight: dict[Any, tuple[int, Any, list[int]]] = {}
+        in_flight: dict[Any, tuple[int, tuple]] = {}
         results = []
         phase_counts = [0] * len(self.slots)
-        while chunks or in_flight:
-            while idle and chunks:
+        while items or in_flight:
+            while idle and items:
                 slot = idle.popleft()
-                ref, indices = chunks.popleft()
-                future = getattr(self.slots[slot], method).remote(ref, *args)
-                in_flight[future] = (slot, ref, indices)
+                item = items.popleft()
+                ref, _, group = item
+                extra = (group,) if group is not None else ()
+                future = getattr(self.slots[slot], method).remote(ref, *args, *extra)
+                in_flight[future] = (slot, item)
             done, _ = ray.wait(list(in_flight), num_returns=1)
-            slot, ref, indices = in_flight.pop(done[0])
+            slot, item = in_flight.pop(done[0])
+            indices = item[1]
             try:
                 results.append(ray.get(done[0]))
             except RayActorError as exc:
                 self._replace(slot, indices, exc)
-                chunks.appendleft((ref, indices))
+                items.appendleft(item)
             except RayTaskError as exc:
-                cause = exc.as_instanceof_cause()
-                if isinstance(cause, RayqError) or isinstance(getattr(exc, "cause", None), RayqError):
+                if isinstance(getattr(exc, "cause", None), RayqError):
                     raise exc.cause from None
                 raise RunFailedError(f"worker {slot} failed on batches {indices}: {exc}") from exc
             else:
@@ -102,8 +119,7 @@ class RayBackend:
                 if self.progress is not None:
                     self.progress(len(indices))
             idle.append(slot)
-        self.batch_counts = [max(a, b) for a, b in zip(self.batch_counts, phase_counts)]
-        return results
+        return results, phase_counts
 
     def _replace(self, slot: int, indices: list[int], exc: Exception) -> None:
         self.restarts[slot] += 1
@@ -118,16 +134,29 @@ class RayBackend:
 
     def activation_stats(self, batches) -> dict[str, Histogram]:
         started = time.perf_counter()
-        merged = merge_stats(self._run("activation_stats", batches))
+        results, _ = self._run("activation_stats", batches)
+        merged = merge_stats(results)
         logger.info("activation statistics on %d workers in %.1f s", len(self.slots),
                     time.perf_counter() - started)
         return merged
 
     def qs_sums(self, batches, activations):
+        results, counts = self._run("qs_sums", batches, activations)
+        # The manifest reports the batches each worker scored, so count the QS pass only: the
+        # statistics pass before it may hand the same batches to other workers.
+        self.batch_counts = counts
         partials = {}
-        for part in self._run("qs_sums", batches, activations):
+        for part in results:
             partials.update(part)
         return partials
+
+    def end_to_end_sums(self, batches, activations):
+        """Spread (layer group x chunk) work items; each item is one pass per layer and scheme."""
+        names = self.infos[0]["layers"]
+        size = max(1, -(-len(names) // (2 * len(self.slots))))
+        groups = [names[i:i + size] for i in range(0, len(names), size)]
+        results, _ = self._run("end_to_end_sums", batches, activations, layer_groups=groups)
+        return merge_partials(*results)
 
     def shutdown(self) -> None:
         for actor in self.slots:

@@ -27,7 +27,7 @@ class WorkerRequest:
 
 
 def default_request(workers: int, cluster_gpus: float, cpus: float | None, gpus: float | None) -> WorkerRequest:
-    """One GPU per worker where the cluster has GPUs, one CPU otherwise, unless the job says."""
+    """One GPU per worker where the cluster has GPUs, one CPU otherwise, unless the job sets them."""
     if gpus is None:
         gpus = 1.0 if cluster_gpus >= 1 else 0.0
     if cpus is None:
@@ -38,16 +38,16 @@ def default_request(workers: int, cluster_gpus: float, cpus: float | None, gpus:
 def check_placement(request: WorkerRequest, nodes: list[dict[str, float]]) -> None:
     """Raise ConfigError if the workers cannot all be placed on the cluster's nodes at once.
 
-    Each node is a dict of its total resources ("CPU", "GPU"). Workers are packed greedily;
-    fractional GPUs share a device, as Ray allows.
+    Each node is a dict of its total resources ("CPU", "GPU"). Counts are compared in Ray's fixed
+    point of 1/10000, so 10 workers of 0.1 GPU fit on one GPU. A fraction of a GPU must fit on one
+    device, as Ray places it, so workers of 0.6 GPU take one device each.
     """
     if request.workers < 1:
         raise ConfigError(f"invalid workers={request.workers}: expected at least 1")
-    capacity = 0
-    for node in nodes:
-        by_cpu = int(node.get("CPU", 0) // request.cpus) if request.cpus else request.workers
-        by_gpu = int(node.get("GPU", 0) // request.gpus) if request.gpus else request.workers
-        capacity += min(by_cpu, by_gpu)
+    if request.gpus > 1 and _units(request.gpus) % _units(1):
+        raise ConfigError(f"invalid GPUs per worker {request.gpus:g}: Ray takes a fraction below 1 "
+                          "or a whole number; set --worker-gpus to such a value")
+    capacity = sum(min(_fit_cpus(node, request), _fit_gpus(node, request)) for node in nodes)
     if capacity >= request.workers:
         return
     total_cpu = sum(n.get("CPU", 0) for n in nodes)
@@ -56,3 +56,23 @@ def check_placement(request: WorkerRequest, nodes: list[dict[str, float]]) -> No
         f"cannot place {request.describe()}: the cluster has {total_cpu:g} CPUs and "
         f"{total_gpu:g} GPUs over {len(nodes)} node(s), room for {capacity} such workers. "
         "Lower --workers or the resources per worker (--worker-cpus, --worker-gpus).")
+
+
+def _units(amount: float) -> int:
+    # Ray keeps resource amounts in fixed point with a precision of 0.0001.
+    return round(amount * 10_000)
+
+
+def _fit_cpus(node: dict[str, float], request: WorkerRequest) -> int:
+    if not request.cpus:
+        return request.workers
+    return _units(node.get("CPU", 0)) // max(1, _units(request.cpus))
+
+
+def _fit_gpus(node: dict[str, float], request: WorkerRequest) -> int:
+    if not request.gpus:
+        return request.workers
+    if request.gpus < 1:
+        devices = _units(node.get("GPU", 0)) // _units(1)
+        return devices * (_units(1) // max(1, _units(request.gpus)))
+    return _units(node.get("GPU", 0)) // _units(request.gpus)

@@ -62,3 +62,7 @@ class ScoringWorker:
     def qs_sums(self, chunk, activations):
         self._maybe_fail()
         return self.backend.qs_sums(chunk, activations)
+
+    def end_to_end_sums(self, chunk, activations, layer_names):
+        self._maybe_fail()
+        return self.backend.end_to_end_sums(chunk, activations, layer_names)

@@ -27,8 +27,9 @@ from rayq.quant.activations import ActivationParams, Histogram, calibrate
 from rayq.quant.schemes import SCHEMES, by_compression
 from rayq.scoring.batches import Batch
 from rayq.scoring.quantized import WeightBank
-from rayq.scoring.sensitivity import (BatchSums, LayerSums, gather_activation_stats, qs_value,
-                                      reduce_sums, score_batches)
+from rayq.scoring.end_to_end import score_end_to_end
+from rayq.scoring.sensitivity import (BatchSums, LayerSums, gather_activation_stats, merge_partials,
+                                      qs_value, reduce_sums, score_batches)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class ScoringBackend(Protocol):
     def qs_sums(self, batches: list[tuple[int, Batch]],
                 activations: dict[str, ActivationParams]) -> BatchSums: ...
 
+    def end_to_end_sums(self, batches: list[tuple[int, Batch]],
+                        activations: dict[str, ActivationParams]) -> BatchSums: ...
+
 
 class InProcessBackend:
     """Scores in the calling process on the prepared (folded, eval-mode) model."""
@@ -50,13 +54,24 @@ class InProcessBackend:
         self.layers = layers
         self.schemes = by_compression(settings.schemes)
         self.clip_search = settings.clip_search
+        self._bank: WeightBank | None = None
+
+    @property
+    def bank(self) -> WeightBank:
+        if self._bank is None:
+            self._bank = WeightBank(self.model, self.layers, self.schemes, self.clip_search)
+        return self._bank
 
     def activation_stats(self, batches):
         return gather_activation_stats(self.model, self.layers, batches)
 
     def qs_sums(self, batches, activations):
-        bank = WeightBank(self.model, self.layers, self.schemes, self.clip_search)
-        return score_batches(self.model, self.layers, self.schemes, bank, activations, batches)
+        return score_batches(self.model, self.layers, self.schemes, self.bank, activations, batches)
+
+    def end_to_end_sums(self, batches, activations, layer_names: list[str] | None = None):
+        layers = self.layers if layer_names is None else [
+            layer for layer in self.layers if layer.name in set(layer_names)]
+        return score_end_to_end(self.model, layers, self.schemes, self.bank, activations, batches)
 
 
 @dataclass
@@ -89,7 +104,7 @@ def split_batches(batches: list[Batch], evaluation: list[Batch] | None,
                   held_out: int | None) -> tuple[list[Batch], list[Batch], bool]:
     """Return (scoring batches, held-out batches, whether the held-out errors are in-sample)."""
     if not batches:
-        raise DataError("the calibration data is empty: it holds no batch. "
+        raise DataError("the calibration data is empty: it contains no batch. "
                         "Give at least one batch (ten or more to get held-out error figures).")
     if evaluation:
         return batches, evaluation, False
@@ -111,13 +126,19 @@ class Scores:
     totals: dict[str, LayerSums]
     activations: dict[str, ActivationParams]
     schemes: list[str]
+    mode: str = "local"
 
     def layer_scores(self) -> list[LayerScore]:
+        """The scores the plan uses: local QS, or end-to-end QS in end_to_end mode."""
         result = []
         for layer in self.layers:
             sums = self.totals[layer.name]
-            qs = {s: qs_value(sums.numerators[s], sums.denominator)
-                  for s in self.schemes if s in sums.numerators}
+            if self.mode == "end_to_end":
+                qs = {s: qs_value(sums.end_to_end[s], sums.end_to_end_denominator)
+                      for s in self.schemes if s in sums.end_to_end}
+            else:
+                qs = {s: qs_value(sums.numerators[s], sums.denominator)
+                      for s in self.schemes if s in sums.numerators}
             result.append(LayerScore(layer.name, layer.module_type, sums.calls, qs, layer.unfit,
                                      sums.nonfinite_inputs, sums.nonfinite_outputs,
                                      tuple(layer.tied_with)))
@@ -246,10 +267,20 @@ def run_scoring(backend: ScoringBackend, prepared: Prepared, settings: Quantizat
     logger.info("sensitivity: %d layers, schemes %s, %d batches", len(prepared.layers),
                 ",".join(settings.schemes), len(indexed))
     partials = backend.qs_sums(indexed, activations)
-    totals = reduce_sums(partials, prepared.layers)
     timings["sensitivity_s"] = time.perf_counter() - started
     logger.info("sensitivity done in %.1f s", timings["sensitivity_s"])
-    return Scores(prepared.layers, prepared.kept, totals, activations, list(settings.schemes))
+
+    if settings.sensitivity_mode == "end_to_end":
+        started = time.perf_counter()
+        logger.info("end-to-end sensitivity: %d layers x %d schemes x %d batches",
+                    len(prepared.layers), len(settings.schemes), len(indexed))
+        partials = merge_partials(partials, backend.end_to_end_sums(indexed, activations))
+        timings["end_to_end_s"] = time.perf_counter() - started
+        logger.info("end-to-end sensitivity done in %.1f s", timings["end_to_end_s"])
+
+    totals = reduce_sums(partials, prepared.layers)
+    return Scores(prepared.layers, prepared.kept, totals, activations, list(settings.schemes),
+                  settings.sensitivity_mode)
 
 
 def finish(float_model: nn.Module, scores: Scores, settings: QuantizationSettings,

@@ -12,7 +12,7 @@ from rayq.quant.activations import ActivationParams
 from rayq.scoring.sensitivity import LayerSums
 
 
-def scores_from_table(table: pa.Table, prepared: Prepared) -> Scores:
+def scores_from_table(table: pa.Table, prepared: Prepared, mode: str = "local") -> Scores:
     """Match stored rows to the layers of the re-loaded float model; raise if they differ."""
     rows = table.to_pylist()
     stored_layers = list(dict.fromkeys(r["layer"] for r in rows))
@@ -31,6 +31,9 @@ def scores_from_table(table: pa.Table, prepared: Prepared) -> Scores:
         if row["fits"] and row["calls"]:
             numerator = row["qs_numerator"]
             sums.numerators[row["scheme"]] = math.nan if numerator is None else numerator
+        if row.get("qs_end_to_end_numerator") is not None:
+            sums.end_to_end[row["scheme"]] = row["qs_end_to_end_numerator"]
+            sums.end_to_end_denominator = row["qs_end_to_end_denominator"]
         if row["input_scale"] is not None:
             activations[row["layer"]] = ActivationParams(row["input_scale"], row["input_zero_point"])
-    return Scores(prepared.layers, prepared.kept, totals, activations, schemes)
+    return Scores(prepared.layers, prepared.kept, totals, activations, schemes, mode)

@@ -26,6 +26,8 @@ SENSITIVITY_SCHEMA = pa.schema([
     ("fits", pa.bool_()), ("unfit_reason", pa.string()),
     ("nonfinite_inputs", pa.int64()), ("nonfinite_outputs", pa.int64()),
     ("tied_with", pa.string()), ("input_scale", pa.float32()), ("input_zero_point", pa.int32()),
+    ("qs_end_to_end", pa.float64()), ("qs_end_to_end_numerator", pa.float64()),
+    ("qs_end_to_end_denominator", pa.float64()),
 ])
 
 PLAN_SCHEMA = pa.schema([
@@ -87,8 +89,19 @@ def sensitivity_table(layers: list[LayerSpec], totals: dict[str, LayerSums], sch
                 "tied_with": ",".join(layer.tied_with) or None,
                 "input_scale": params.scale if params else None,
                 "input_zero_point": params.zero_point if params else None,
+                **_end_to_end_columns(sums, scheme),
             })
     return pa.Table.from_pylist(rows, schema=SENSITIVITY_SCHEMA)
+
+
+def _end_to_end_columns(sums: LayerSums, scheme: str) -> dict:
+    numerator = sums.end_to_end.get(scheme)
+    if numerator is None:
+        return {"qs_end_to_end": None, "qs_end_to_end_numerator": None,
+                "qs_end_to_end_denominator": None}
+    return {"qs_end_to_end": qs_value(numerator, sums.end_to_end_denominator),
+            "qs_end_to_end_numerator": numerator,
+            "qs_end_to_end_denominator": sums.end_to_end_denominator}
 
 
 def plan_table(layers: list[LayerSpec], kept: list[FloatModule], decisions: list[Decision],

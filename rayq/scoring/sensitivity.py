@@ -36,6 +36,9 @@ class LayerSums:
     numerators: dict[str, float] = field(default_factory=dict)
     nonfinite_inputs: int = 0
     nonfinite_outputs: int = 0
+    # End-to-end sums (see rayq.scoring.end_to_end): whole-model output error per scheme.
+    end_to_end: dict[str, float] = field(default_factory=dict)
+    end_to_end_denominator: float = 0.0
 
     def add(self, other: "LayerSums") -> None:
         self.calls += other.calls
@@ -44,6 +47,9 @@ class LayerSums:
             self.numerators[scheme] = self.numerators.get(scheme, 0.0) + value
         self.nonfinite_inputs += other.nonfinite_inputs
         self.nonfinite_outputs += other.nonfinite_outputs
+        for scheme, value in other.end_to_end.items():
+            self.end_to_end[scheme] = self.end_to_end.get(scheme, 0.0) + value
+        self.end_to_end_denominator += other.end_to_end_denominator
 
 
 # Partial sums keyed by global batch index, then by layer name.
@@ -57,6 +63,21 @@ def reduce_sums(partials: BatchSums, layers: list[LayerSpec]) -> dict[str, Layer
         for name, sums in partials[index].items():
             totals[name].add(sums)
     return totals
+
+
+def merge_partials(*parts: BatchSums) -> BatchSums:
+    """Combine per-batch sums of different passes (local and end-to-end) of the same batches."""
+    merged: BatchSums = {}
+    for part in parts:
+        for index, layers in part.items():
+            target = merged.setdefault(index, {})
+            for name, sums in layers.items():
+                if name in target:
+                    target[name].add(sums)
+                else:
+                    target[name] = LayerSums()
+                    target[name].add(sums)
+    return merged
 
 
 def qs_value(numerator: float, denominator: float) -> float:

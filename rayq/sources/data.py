@@ -57,7 +57,12 @@ def text_paragraphs(spec: str) -> list[str]:
     if spec == PYDOC:
         return pydoc_paragraphs()
     text = _read(spec).decode("utf-8", errors="replace")
-    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if not paragraphs:
+        # The tokenizer would fail on an empty list with an IndexError.
+        raise DataError(f"calibration data {spec!r} is empty: it contains no text. Give a text "
+                        "file with paragraphs separated by blank lines")
+    return paragraphs
 
 
 def tokenize(paragraphs: list[str], tokenizer: Any, batch_size: int, max_length: int) -> list[dict]:
@@ -119,14 +124,14 @@ def safetensors_batches(spec: str, batch_size: int) -> list[Any]:
 
 def _slice_columns(columns: dict[str, torch.Tensor], batch_size: int, spec: str) -> list[dict]:
     if not columns:
-        raise DataError(f"calibration data {spec!r} holds no column or tensor")
+        raise DataError(f"calibration data {spec!r} contains no column or tensor")
     sizes = {name: int(t.shape[0]) if t.dim() else 0 for name, t in columns.items()}
     if len(set(sizes.values())) != 1:
         raise DataError(f"calibration data {spec!r} has columns of different lengths {sizes}; "
                         "every column needs one entry per sample")
     count = next(iter(sizes.values()))
     if count == 0:
-        raise DataError(f"calibration data {spec!r} holds no sample")
+        raise DataError(f"calibration data {spec!r} contains no sample")
     return [{k: v[i:i + batch_size] for k, v in columns.items()} for i in range(0, count, batch_size)]
 
 

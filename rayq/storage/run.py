@@ -104,7 +104,7 @@ def check_writable(loc: Location, overwrite: bool) -> None:
         raise StorageError(f"cannot reach output location {loc.uri}: {exc}. Check the endpoint "
                            "(AWS_ENDPOINT_URL), the bucket name and your network.") from None
     if finished and not overwrite:
-        raise StorageError(f"{loc.uri} already holds a finished run; choose another output "
+        raise StorageError(f"{loc.uri} already contains a finished run; choose another output "
                            "location or pass --overwrite (overwrite=True) to replace it")
 
 
@@ -178,7 +178,7 @@ def open_run(location: str | Location) -> StoredRun:
     if not anything:
         raise StorageError(f"no run found at {loc.uri}: the location is empty or does not exist")
     if not has_manifest:
-        raise StorageError(f"{loc.uri} holds an incomplete run: it has no {MANIFEST}, so the run "
+        raise StorageError(f"{loc.uri} contains an incomplete run: it has no {MANIFEST}, so the run "
                            "was interrupted or is still being written. Run the job again.")
     try:
         manifest = json.loads(loc.read_bytes(MANIFEST))
@@ -198,7 +198,7 @@ def load_run_model(run: StoredRun, model: nn.Module | None = None, trust_code: b
         from rayq.sources.models import load_source
 
         if not config.get("source"):
-            raise StorageError(f"{run.location.uri} holds a model that was handed over in memory; "
+            raise StorageError(f"{run.location.uri} contains a model that was handed over in memory; "
                                "call rayq.load(location, model) with a float instance of it")
         model = load_source(config["source"], trust_code=trust_code).module
     return model_io.load_model_files(weights, config, model)
