@@ -17,6 +17,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from rayq.config import QuantizationSettings
+from rayq import progress
 from rayq.driver import cluster
 from rayq.driver.placement import check_placement, default_request
 from rayq.driver.worker import ScoringWorker
@@ -32,13 +33,11 @@ class RayBackend:
 
     def __init__(self, settings: QuantizationSettings, model_payload: dict, *, workers: int,
                  worker_cpus: float | None = None, worker_gpus: float | None = None,
-                 max_restarts: int = 2, chunk_batches: int = 4, fault: dict | None = None,
-                 progress=None):
+                 max_restarts: int = 2, chunk_batches: int = 4, fault: dict | None = None):
         self.settings = settings
         self.max_restarts = max_restarts
         self.chunk_batches = max(1, chunk_batches)
         self.fault = fault
-        self.progress = progress
         nodes = cluster.node_resources()
         cluster_gpus = sum(n.get("GPU", 0) for n in nodes)
         self.request = default_request(workers, cluster_gpus, worker_cpus, worker_gpus)
@@ -83,13 +82,15 @@ class RayBackend:
         chunks = [(ray.put(chunk), [i for i, _ in chunk]) for chunk in self._chunks(batches)]
         groups = layer_groups or [None]
         items = deque((ref, indices, group) for group in groups for ref, indices in chunks)
+        total = len(items) and sum(len(item[1]) for item in items)
         try:
-            return self._run_items(method, items, args)
+            with progress.phase(method.replace("_", " "), total) as advance:
+                return self._run_items(method, items, args, advance)
         except BaseException:
             self.shutdown()
             raise
 
-    def _run_items(self, method: str, items: deque, args: tuple) -> tuple[list, list[int]]:
+    def _run_items(self, method: str, items: deque, args: tuple, advance) -> tuple[list, list[int]]:
         idle = deque(range(len(self.slots)))
         in_flight: dict[Any, tuple[int, tuple]] = {}
         results = []
@@ -116,8 +117,7 @@ class RayBackend:
                 raise RunFailedError(f"worker {slot} failed on batches {indices}: {exc}") from exc
             else:
                 phase_counts[slot] += len(indices)
-                if self.progress is not None:
-                    self.progress(len(indices))
+                advance(len(indices))
             idle.append(slot)
         return results, phase_counts
 

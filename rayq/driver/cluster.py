@@ -25,7 +25,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         return True
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     logger.info("starting a local Ray instance on 127.0.0.1")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    # address="local" starts a new instance even where another local cluster is running.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     return True

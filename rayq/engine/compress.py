@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from rayq import progress
 from rayq.config import ExecutionSettings, QuantizationSettings, quantization_settings
 from rayq.engine import build, tables, thresholds
 from rayq.engine.evaluate import Fidelity, measure, reference_outputs
@@ -63,10 +64,13 @@ class InProcessBackend:
         return self._bank
 
     def activation_stats(self, batches):
-        return gather_activation_stats(self.model, self.layers, batches)
+        with progress.phase("activation stats", len(batches)) as advance:
+            return gather_activation_stats(self.model, self.layers, batches, advance)
 
     def qs_sums(self, batches, activations):
-        return score_batches(self.model, self.layers, self.schemes, self.bank, activations, batches)
+        with progress.phase("qs sums", len(batches)) as advance:
+            return score_batches(self.model, self.layers, self.schemes, self.bank, activations,
+                                 batches, advance)
 
     def end_to_end_sums(self, batches, activations, layer_names: list[str] | None = None):
         layers = self.layers if layer_names is None else [

@@ -59,8 +59,11 @@ def save_model(model: nn.Module, folder: str, folded: list[tuple[str, str]],
     freeze(model)
     config = quant_config(model, folded, source)
     os.makedirs(folder, exist_ok=True)
+    # One metadata key only: safetensors (0.8.0) writes metadata keys in a random order, so two
+    # keys would give the same model different bytes and sha256 from one save to the next. The
+    # format version is in quant_config.json.
     safetensors.torch.save_model(model, os.path.join(folder, WEIGHTS_FILE),
-                                 metadata={"format": "pt", "rayq_format_version": str(FORMAT_VERSION)})
+                                 metadata={"format": "pt"})
     with open(os.path.join(folder, CONFIG_FILE), "w") as handle:
         json.dump(config, handle, indent=2)
 
