@@ -104,7 +104,7 @@ def test_model_covers_mixed_layer_types(in_process):
     types = set(in_process.sensitivity.column("module_type").to_pylist())
     assert types == {"Embedding", "Conv1d", "LSTM", "MultiheadAttention", "Linear"}
     w8a8 = [r for r in in_process.sensitivity.to_pylist() if r["scheme"] == "w8a8"]
-    # Only layers whose input is a single float tensor take w8a8; they must have been scored.
+    # Only layers whose input is a single float tensor take w8a8, and each of them was scored.
     assert {r["layer"] for r in w8a8 if r["fits"]} == {"conv", "head"}
     assert all(r["qs"] is not None and r["qs"] > 0 for r in w8a8 if r["fits"])
     assert in_process.folded
@@ -168,7 +168,7 @@ def test_unplaceable_gpu_workers_fail_fast(tmp_path):
         import rayq
         from rayq.errors import ConfigError
 
-        # Two logical GPUs; workers of 0.4 GPU cannot share one across devices, so 4 fit, not 5.
+        # Two logical GPUs. A worker of 0.4 GPU stays on one device, so 4 fit and 5 do not.
         ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level=logging.WARNING, log_to_driver=False)
         model = nn.Sequential(nn.Linear(8, 8))
@@ -292,7 +292,7 @@ def test_placement_five_workers_of_0_4_gpu_on_two_gpus():
 def test_placement_counts_each_node_separately():
     nodes = [{"CPU": 1}, {"CPU": 1}]
     check_placement(WorkerRequest(2, 1.0, 0.0), nodes)
-    # Two CPUs in total, but no single node holds a worker of 2 CPUs.
+    # Two CPUs in total, but no single node has room for a worker of 2 CPUs.
     with pytest.raises(ConfigError) as excinfo:
         check_placement(WorkerRequest(1, 2.0, 0.0), nodes)
     assert "over 2 node(s), room for 0" in str(excinfo.value)
