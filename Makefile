@@ -21,5 +21,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+# Writes bench/results.json and bench/RESULTS.md; run it on an otherwise idle machine.
+bench: $(STAMP)
+	$(VENV)/bin/python bench/run.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

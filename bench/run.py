@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
     work, specs, one_s = cost_figures("synthetic", model, batches, repeats, results, raw)
     naive_figures(work, specs, batches, one_s, results, raw)
     replan_figure(model, batches, one_s, results, raw)
-    size_figure(model, batches, results, os.path.join(args.output, ".bench-run"))
+    with tempfile.TemporaryDirectory() as folder:
+        size_figure(model, batches, results, os.path.join(folder, "run"))
     scaling_figures(model, batches, repeats, results, raw)
 
     payload = {"figures": results, "raw_s": raw, "machine": machine(),

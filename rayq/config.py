@@ -129,6 +129,9 @@ def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
         if error["type"] == "extra_forbidden":
             problems.append(f"{path}: unknown key; check its spelling against `rayq compress --help`")
             continue
+        if error["type"] == "missing":
+            problems.append(f"{path}: missing; set it in the job file or with --{path.replace('_', '-')}")
+            continue
         value = error.get("input")
         message = error["msg"].removeprefix("Value error, ")
         problems.append(f"{path}: invalid value {value!r}: {message}")

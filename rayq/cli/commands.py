@@ -53,7 +53,10 @@ def run_job(job: JobConfig, dry_run: bool = False) -> int:
     from rayq.storage.location import parse_location
     from rayq.storage.run import check_writable
 
+    from rayq.sources.models import parse_model_spec
+
     started = time.perf_counter()
+    parse_model_spec(job.model, job.model_weights)  # a missing model fails before Ray starts
     output = parse_location(job.output)
     check_writable(output, job.overwrite)
 
