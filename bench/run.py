@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     repeats = 1 if args.quick else 3
-    layers, width, rows, count = (4, 32, 8, 6) if args.quick else (24, 512, 256, 24)
+    layers, width, rows, count = (4, 32, 8, 6) if args.quick else (24, 512, 256, 48)
     model = synthetic(layers, width)
     batches = [torch.randn(rows, width) for _ in range(count)]
     results: dict = {}

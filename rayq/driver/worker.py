@@ -36,6 +36,8 @@ class ScoringWorker:
         self.backend = InProcessBackend(prepared.model, prepared.layers,
                                         QuantizationSettings(**settings))
         self.layer_names = [layer.name for layer in prepared.layers]
+        # Quantize every layer's weights once, while the actor starts, not inside the first pass.
+        _ = self.backend.bank
 
     @staticmethod
     def _load(source: dict) -> torch.nn.Module:

@@ -26,7 +26,7 @@ from rayq.model.layers import FloatModule, LayerSpec, find_layers
 from rayq.planning.plan import Decision, LayerScore, Pin, check_pins, make_plan
 from rayq.quant.activations import ActivationParams, Histogram, calibrate
 from rayq.quant.schemes import SCHEMES, by_compression
-from rayq.scoring.batches import Batch
+from rayq.scoring.batches import Batch, check_batches
 from rayq.scoring.quantized import WeightBank
 from rayq.scoring.end_to_end import score_end_to_end
 from rayq.scoring.sensitivity import (BatchSums, LayerSums, gather_activation_stats, merge_partials,
@@ -220,6 +220,8 @@ def compress(model: nn.Module, calibration: Iterable[Batch], *, threshold: float
     prepared = prepare(model)
     check_pins([Pin(p.pattern, p.scheme) for p in settings.pins],
                [layer.name for layer in prepared.layers], settings.schemes)
+    # Ray workers take seconds to start, so a batch the model cannot run fails here first.
+    check_batches(prepared.model, batches, run_first=backend_factory is not None)
 
     backend = (backend_factory or InProcessBackend)(prepared.model, prepared.layers, settings)
     timings: dict[str, float] = {}

@@ -27,8 +27,11 @@ SENSITIVITY_SCHEMA = pa.schema([
     ("nonfinite_inputs", pa.int64()), ("nonfinite_outputs", pa.int64()),
     ("tied_with", pa.string()), ("input_scale", pa.float32()), ("input_zero_point", pa.int32()),
     ("qs_end_to_end", pa.float64()), ("qs_end_to_end_numerator", pa.float64()),
-    ("qs_end_to_end_denominator", pa.float64()),
+    ("qs_end_to_end_denominator", pa.float64()), ("flag", pa.string()),
 ])
+
+# A NaN QS numerator (local or end-to-end) is stored as null, with this flag on its row.
+NOT_FINITE_FLAG = "quantized output not finite"
 
 PLAN_SCHEMA = pa.schema([
     ("layer", pa.string()), ("module_type", pa.string()), ("scheme", pa.string()),
@@ -76,6 +79,10 @@ def sensitivity_table(layers: list[LayerSpec], totals: dict[str, LayerSums], sch
         for scheme in schemes:
             fits = scheme not in layer.unfit
             numerator = sums.numerators.get(scheme) if fits and sums.calls else None
+            end_to_end = sums.end_to_end.get(scheme)
+            flagged = any(value is not None and math.isnan(value)
+                          for value in (numerator, end_to_end))
+            numerator = finite_or_none(numerator)
             params = activations.get(layer.name) if SCHEMES[scheme].quantize_input else None
             rows.append({
                 "layer": layer.name, "module_type": layer.module_type, "scheme": scheme,
@@ -90,13 +97,16 @@ def sensitivity_table(layers: list[LayerSpec], totals: dict[str, LayerSums], sch
                 "input_scale": params.scale if params else None,
                 "input_zero_point": params.zero_point if params else None,
                 **_end_to_end_columns(sums, scheme),
+                "flag": NOT_FINITE_FLAG if flagged else None,
             })
     return pa.Table.from_pylist(rows, schema=SENSITIVITY_SCHEMA)
 
 
 def _end_to_end_columns(sums: LayerSums, scheme: str) -> dict:
-    numerator = sums.end_to_end.get(scheme)
-    if numerator is None:
+    numerator = finite_or_none(sums.end_to_end.get(scheme))
+    if numerator is None or not sums.calls:
+        # Quantizing a layer that calibration never reached changes no output, so its zero
+        # error is no evidence and the layer gets no end-to-end score either.
         return {"qs_end_to_end": None, "qs_end_to_end_numerator": None,
                 "qs_end_to_end_denominator": None}
     return {"qs_end_to_end": qs_value(numerator, sums.end_to_end_denominator),

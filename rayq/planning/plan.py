@@ -131,6 +131,14 @@ def _pin_decision(score: LayerScore, pin: Pin) -> Decision:
         return Decision(score.name, FLOAT,
                         f"pinned to {pin.scheme} by {pin.pattern!r}, which does not fit: "
                         f"{score.unfit[pin.scheme]}")
+    if score.calls == 0 and SCHEMES[pin.scheme].quantize_input:
+        return Decision(score.name, FLOAT,
+                        f"pinned to {pin.scheme} by {pin.pattern!r}, but never reached by the "
+                        "calibration data, so its input has no calibrated range")
+    if math.isnan(score.qs.get(pin.scheme, 0.0)):
+        return Decision(score.name, FLOAT,
+                        f"pinned to {pin.scheme} by {pin.pattern!r}, but flagged: quantized output "
+                        "not finite")
     return Decision(score.name, pin.scheme, f"pinned to {pin.scheme} by {pin.pattern!r}")
 
 

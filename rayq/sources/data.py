@@ -124,14 +124,17 @@ def safetensors_batches(spec: str, batch_size: int) -> list[Any]:
 
 def _slice_columns(columns: dict[str, torch.Tensor], batch_size: int, spec: str) -> list[dict]:
     if not columns:
-        raise DataError(f"calibration data {spec!r} contains no column or tensor")
+        raise DataError(f"calibration data {spec!r} contains no column or tensor. Give one "
+                        "column or tensor per argument of the model's forward")
     sizes = {name: int(t.shape[0]) if t.dim() else 0 for name, t in columns.items()}
     if len(set(sizes.values())) != 1:
         raise DataError(f"calibration data {spec!r} has columns of different lengths {sizes}; "
                         "every column needs one entry per sample")
     count = next(iter(sizes.values()))
     if count == 0:
-        raise DataError(f"calibration data {spec!r} contains no sample")
+        raise DataError(f"calibration data {spec!r} contains no sample: its columns or tensors "
+                        "have length 0. Give at least one sample (a row, or an entry along the "
+                        "first dimension)")
     return [{k: v[i:i + batch_size] for k, v in columns.items()} for i in range(0, count, batch_size)]
 
 
