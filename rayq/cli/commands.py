@@ -147,7 +147,13 @@ def report(args: argparse.Namespace) -> int:
 
 
 def plan(args: argparse.Namespace) -> int:
-    """Re-plan a finished run from its stored scores; no scoring pass."""
+    """Re-plan a finished run from its stored scores, with no scoring pass and no Ray.
+
+    Only the held-out batches run through the model, to measure the new plan's error. The plan,
+    the threshold table and the model equal those of a fresh `rayq compress` at that threshold.
+    """
+    from pydantic import ValidationError
+
     from rayq.engine.compress import finish, prepare, split_batches
     from rayq.engine.evaluate import reference_outputs
     from rayq.engine.stored import scores_from_table
@@ -161,7 +167,13 @@ def plan(args: argparse.Namespace) -> int:
     run = open_run(args.location)
     target = parse_location(args.output or args.location)
     check_writable(target, args.overwrite)
-    job = JobConfig(**run.manifest["config"])
+    try:
+        job = JobConfig(**run.manifest["config"])
+    except ValidationError:
+        raise DataError(f"{run.location.uri} records no `rayq compress` job (model and "
+                        "calibration data), as runs written by rayq.save do, so it cannot be "
+                        "re-planned from the command line; use CompressResult.replan in "
+                        "Python") from None
     source = run.manifest.get("source") or {}
     if not source:
         raise DataError(f"{run.location.uri} does not record its model source, so it cannot be "

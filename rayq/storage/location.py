@@ -1,8 +1,9 @@
 """Output and input locations: a local path, `file://...` or `s3://bucket/prefix`.
 
-S3 goes through pyarrow's S3 filesystem with the standard AWS credential chain. A custom
-endpoint (MinIO, Ceph, a test server) comes from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`, and
-the region from `AWS_REGION` or `AWS_DEFAULT_REGION`. Credentials are never logged or stored.
+S3 is read through pyarrow's S3 filesystem and written through a boto3 client (see
+`rayq.storage.s3_write`), both with the standard AWS credential chain. Both take a custom endpoint
+(MinIO, Ceph, a test server) from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`, and the region
+from `AWS_REGION` or `AWS_DEFAULT_REGION`. Credentials are never logged or stored.
 """
 
 from __future__ import annotations
@@ -48,11 +49,10 @@ class Location:
         except OSError as exc:
             raise StorageError(f"cannot read {self.uri.rstrip('/')}/{'/'.join(parts)}: {exc}") from None
 
-    def write_bytes(self, data: bytes, *parts: str) -> None:
-        target = self.path(*parts)
-        self.fs.create_dir(posixpath.dirname(target), recursive=True)
-        with self.fs.open_output_stream(target) as stream:
-            stream.write(data)
+    def bucket_and_key(self, *parts: str) -> tuple[str, str]:
+        """Split an S3 location's path into its bucket and object key (empty for the bucket root)."""
+        bucket, _, key = self.path(*parts).partition("/")
+        return bucket, key
 
     def list_files(self) -> list[str]:
         """Relative paths of every file under the location."""
@@ -64,16 +64,44 @@ class Location:
         return sorted(files)
 
 
-def s3_filesystem(bucket_hint: str | None = None) -> pafs.S3FileSystem:
+def s3_endpoint() -> str | None:
+    """Return the custom S3 endpoint URL from the environment with a scheme, or None for AWS."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    options = {"region": region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    if not endpoint:
+        return None
+    # A bare host:port gets HTTPS, pyarrow's default scheme, for both clients.
+    return endpoint if "://" in endpoint else f"https://{endpoint}"
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_filesystem(bucket_hint: str | None = None) -> pafs.S3FileSystem:
+    options = {"region": s3_region(),
+               "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
                "connect_timeout": 5, "request_timeout": 30}
+    endpoint = s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint)
-        options["endpoint_override"] = parsed.netloc or parsed.path
-        options["scheme"] = parsed.scheme or "https"
+        options["endpoint_override"] = parsed.netloc
+        options["scheme"] = parsed.scheme
     return pafs.S3FileSystem(**options)
+
+
+def s3_client():
+    """Build a boto3 S3 client for the same endpoint and region as `s3_filesystem`.
+
+    Each call builds a new client, so event handlers registered on one client stay with it.
+    botocore makes up to 3 attempts per request, as pyarrow's retry strategy does for reads.
+    """
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "standard", "total_max_attempts": 3}, connect_timeout=5,
+                    read_timeout=30)
+    return boto3.session.Session().client("s3", region_name=s3_region(),
+                                          endpoint_url=s3_endpoint(), config=config)
 
 
 def parse_location(uri: str) -> Location:

@@ -2,12 +2,22 @@
 
 A local run is written into a hidden staging folder beside the target and renamed into place, so
 a location never holds files of two runs and an interrupted write leaves nothing behind. On S3,
-files are uploaded first and `manifest.json` last; a location without a manifest is an
-incomplete run, and readers say so.
+files are uploaded first and `manifest.json` last (see `rayq.storage.s3_write`); a location
+without a manifest is an incomplete run, and readers say so.
+
+Errors and CLI exit codes:
+- StorageError, exit code 2 (invalid input): a malformed location, a missing bucket, an output
+  location that cannot be reached before any work starts, a finished run in the way, a request
+  the store rejects (access denied, missing credentials), a local path that cannot be written
+  (permission denied, a file in the way), or a missing, incomplete or corrupted run to read.
+- StorageWriteFailed, a StorageError with exit code 1 (a failed run): an S3 write that failed on
+  a transient error (a lost connection, a timeout, a 5xx status) after every retry, or a local
+  write that failed on a full disk or quota or an I/O error. The same command may succeed later.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -21,19 +31,24 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from torch import nn
 
 from rayq.engine.summary import summary_text
 from rayq.errors import StorageError
-from rayq.storage import model_io
+from rayq.storage import model_io, s3_write
 from rayq.storage.location import Location, parse_location
+from rayq.storage.retry import StorageWriteFailed
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 RUN_FORMAT_VERSION = 1
 TABLES = ("sensitivity", "plan", "thresholds")
+# Local write errors that may clear up by themselves or once space is freed: a full disk, a full
+# quota, a failing device. Others (permission denied, a path through a file) need a new location.
+_RECOVERABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 _PACKAGES = ("rayq", "torch", "ray", "pyarrow", "safetensors", "pydantic", "transformers")
 
 
@@ -89,16 +104,23 @@ def write_run(result, location: str | Location, config: dict, source: dict | Non
     files = run_files(result, source)
     manifest = manifest_for(files, config, result.workers, {"source": source, **(extra or {})})
     files_with_manifest = {**files, MANIFEST: json.dumps(manifest, indent=2).encode()}
+    started = time.perf_counter()
+    logger.info("writing run to %s (%d files, %.1f MB)", loc.uri, len(files_with_manifest),
+                sum(len(data) for data in files_with_manifest.values()) / 1e6)
     if loc.is_local:
         _write_local(loc, files_with_manifest)
     else:
-        _write_remote(loc, files, files_with_manifest[MANIFEST])
-    logger.info("wrote run to %s (%d files)", loc.uri, len(files_with_manifest))
+        s3_write.write_files(loc, files_with_manifest, MANIFEST)
+    logger.info("wrote run to %s (%d files) in %.1f s", loc.uri, len(files_with_manifest),
+                time.perf_counter() - started)
     return loc
 
 
 def check_writable(loc: Location, overwrite: bool) -> None:
+    """Raise before any work starts if the output location is unreachable or has a finished run."""
     try:
+        if not loc.is_local:
+            _check_bucket_exists(loc)
         finished = loc.exists(MANIFEST)
     except OSError as exc:
         raise StorageError(f"cannot reach output location {loc.uri}: {exc}. Check the endpoint "
@@ -108,8 +130,26 @@ def check_writable(loc: Location, overwrite: bool) -> None:
                            "location or pass --overwrite (overwrite=True) to replace it")
 
 
+def _check_bucket_exists(loc: Location) -> None:
+    bucket, _ = loc.bucket_and_key()
+    if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        raise StorageError(f"bucket {bucket!r} of output location {loc.uri} not found; create "
+                           "the bucket or correct its name")
+
+
 def _write_local(loc: Location, files: dict[str, bytes]) -> None:
-    target = loc.root
+    try:
+        _write_staged(loc.root, files)
+    except OSError as exc:
+        if exc.errno in _RECOVERABLE_ERRNOS:
+            raise StorageWriteFailed(f"writing the run to {loc.uri} failed: {exc}. Nothing was "
+                                     "committed. Run the command again once the cause is "
+                                     "fixed.") from exc
+        raise StorageError(f"cannot write the run to {loc.uri}: {exc}. Choose an output folder "
+                           "you can write to.") from exc
+
+
+def _write_staged(target: str, files: dict[str, bytes]) -> None:
     parent = os.path.dirname(target) or "."
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{os.path.basename(target)}.rayq-{uuid.uuid4().hex[:8]}")
@@ -128,18 +168,6 @@ def _write_local(loc: Location, files: dict[str, bytes]) -> None:
             os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_remote(loc: Location, files: dict[str, bytes], manifest: bytes) -> None:
-    # Retire the old manifest first, so a reader never sees old and new files under one manifest.
-    if loc.exists(MANIFEST):
-        loc.fs.delete_file(loc.path(MANIFEST))
-    for old in loc.list_files():
-        if old not in files:
-            loc.fs.delete_file(loc.path(old))
-    for path, data in files.items():
-        loc.write_bytes(data, path)
-    loc.write_bytes(manifest, MANIFEST)
 
 
 @dataclass
