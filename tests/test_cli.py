@@ -250,6 +250,7 @@ def test_plan_subprocess_replans_at_zero(finished_run, workspace, tmp_path):
     assert {r["layer"]: r["scheme"] for r in plan if r["quantizable"]} == \
         {"conv": "float", "head": "float"}
     assert read_manifest(new)["config"]["threshold"] == 0.0
+    assert read_manifest(new)["parent"] == str(output)
     # Re-planning reuses the stored scores: the sensitivity table is the same file.
     assert (new / "sensitivity.parquet").read_bytes() == (output / "sensitivity.parquet").read_bytes()
     chosen = [r for r in pq.read_table(new / "thresholds.parquet").to_pylist() if r["chosen"]]

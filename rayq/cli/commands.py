@@ -120,12 +120,14 @@ def _dry_run(job, loaded, batches, request) -> int:
     return 0
 
 
-def _write_and_print(result, job: JobConfig, output, source: dict, started: float) -> None:
-    from rayq.engine.summary import summary_text
+def _write_and_print(result, job: JobConfig, output, source: dict, started: float,
+                     extra: dict | None = None) -> None:
+    from rayq.engine.summary import summary_text, thresholds_text
     from rayq.storage.run import write_run
 
     config = job.model_dump(mode="json")
-    write_run(result, output, config=config, source=source, overwrite=job.overwrite)
+    write_run(result, output, config=config, source=source, overwrite=job.overwrite, extra=extra)
+    logger.info("threshold guidance:\n%s", thresholds_text(result.thresholds))
     print(summary_text(result.thresholds, result.plan))
     chosen = [r for r in result.thresholds.to_pylist() if r["chosen"]][0]
     kind = "in-sample" if result.in_sample else "held-out"
@@ -193,5 +195,6 @@ def plan(args: argparse.Namespace) -> int:
     result = finish(prepared.model, scores, settings, prepared.folded, held_out,
                     reference_outputs(prepared.model, held_out), in_sample, evaluate=True)
     job = job.model_copy(update={"threshold": threshold, "output": target.uri})
-    _write_and_print(result, job, target, source, started)
+    _write_and_print(result, job, target, source, started,
+                     extra={"parent": run.location.uri, "parent_threshold": run.manifest["config"].get("threshold")})
     return 0
