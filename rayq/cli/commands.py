@@ -23,7 +23,7 @@ def stop_ray() -> None:
 def _flag_values(args: argparse.Namespace) -> dict:
     values = {name: getattr(args, name) for name in (
         "model", "model_weights", "calibration", "evaluation", "output", "threshold",
-        "activation_method", "batch_size", "max_batches", "max_length", "workers", "address",
+        "activation_method", "sensitivity_mode", "batch_size", "max_batches", "max_length", "workers", "address",
         "worker_cpus", "worker_gpus", "max_restarts", "overwrite")}
     if args.schemes is not None:
         values["schemes"] = [s.strip() for s in args.schemes.split(",") if s.strip()]
@@ -56,7 +56,12 @@ def run_job(job: JobConfig, dry_run: bool = False) -> int:
     from rayq.sources.models import parse_model_spec
 
     started = time.perf_counter()
-    parse_model_spec(job.model, job.model_weights)  # a missing model fails before Ray starts
+    from rayq.sources.data import check_spec
+
+    # Missing models and data fail here, before Ray takes seconds to start.
+    parse_model_spec(job.model, job.model_weights)
+    for spec in filter(None, (job.calibration, job.evaluation)):
+        check_spec(spec)
     output = parse_location(job.output)
     check_writable(output, job.overwrite)
 
@@ -133,8 +138,14 @@ def _write_and_print(result, job: JobConfig, output, source: dict, started: floa
     kind = "in-sample" if result.in_sample else "held-out"
     print(f"check: {kind} cosine similarity to the float model {chosen['cosine_mean']:.5f} "
           f"(min {chosen['cosine_min']:.5f}), compression ratio {chosen['compression_ratio']:.2f}x "
-          f"({chosen['model_bytes'] / 1e6:.1f} MB)")
+          f"({_size(chosen['model_bytes'])})")
     print(f"wrote {output.uri} in {time.perf_counter() - started:.0f} s")
+
+
+def _size(count: int) -> str:
+    if count >= 1e6:
+        return f"{count / 1e6:.1f} MB"
+    return f"{count / 1e3:.1f} kB" if count >= 1e3 else f"{count} bytes"
 
 
 def report(args: argparse.Namespace) -> int:
@@ -143,8 +154,9 @@ def report(args: argparse.Namespace) -> int:
     run = open_run(args.location)
     run.verify()
     print(run.read("summary.txt").decode(), end="")
-    print(f"run: {run.location.uri} (rayq {run.manifest['versions'].get('rayq', '?')}, "
-          f"{len(run.manifest['workers'])} workers)")
+    origin = (f"re-planned from {run.manifest['parent']}" if run.manifest.get("parent")
+              else f"{len(run.manifest['workers'])} workers")
+    print(f"run: {run.location.uri} (rayq {run.manifest['versions'].get('rayq', '?')}, {origin})")
     return 0
 
 
@@ -192,8 +204,10 @@ def plan(args: argparse.Namespace) -> int:
                   if job.evaluation else None)
     _, held_out, in_sample = split_batches(batches, evaluation, job.evaluation_batches)
     settings = job.quantization().model_copy(update={"threshold": threshold})
+    # Plans already measured in the stored guidance table keep their errors; only new ones run.
     result = finish(prepared.model, scores, settings, prepared.folded, held_out,
-                    reference_outputs(prepared.model, held_out), in_sample, evaluate=True)
+                    reference_outputs(prepared.model, held_out), in_sample, evaluate=True,
+                    known_thresholds=run.table("thresholds"))
     job = job.model_copy(update={"threshold": threshold, "output": target.uri})
     _write_and_print(result, job, target, source, started,
                      extra={"parent": run.location.uri, "parent_threshold": run.manifest["config"].get("threshold")})

@@ -46,6 +46,10 @@ def _compress_parser(sub) -> None:
                    "give them a scheme; repeatable")
     p.add_argument("--activation-method", choices=["mse", "percentile", "minmax"],
                    help="w8a8 input range calibration (default mse)")
+    p.add_argument("--sensitivity-mode", choices=["local", "end_to_end"],
+                   help="local (default): score each layer on its own output in one float pass; "
+                   "end_to_end: also quantize one layer at a time and score the whole model's "
+                   "output (one model pass per layer, scheme and batch), and plan with those")
     p.add_argument("--batch-size", type=int, help="samples per calibration batch (default 16)")
     p.add_argument("--max-batches", type=int, help="use at most this many calibration batches")
     p.add_argument("--max-length", type=int, help="tokens per text sample, at most (default 128)")

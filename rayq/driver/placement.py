@@ -55,7 +55,8 @@ def check_placement(request: WorkerRequest, nodes: list[dict[str, float]]) -> No
     raise ConfigError(
         f"cannot place {request.describe()}: the cluster has {total_cpu:g} CPUs and "
         f"{total_gpu:g} GPUs over {len(nodes)} node(s), room for {capacity} such workers. "
-        "Lower --workers or the resources per worker (--worker-cpus, --worker-gpus).")
+        "Lower the workers or the resources per worker (--workers, --worker-cpus, "
+        "--worker-gpus; worker_cpus and worker_gpus in Python).")
 
 
 def _units(amount: float) -> int:

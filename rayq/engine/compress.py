@@ -95,6 +95,9 @@ def prepare(model: nn.Module) -> Prepared:
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        logger.info("calibrating a copy of the model in eval mode; the model you passed stays "
+                    "in train mode and keeps its running statistics")
     work = copy.deepcopy(model).eval()
     pairs = folding.find_foldable(work)
     folding.fold(work, pairs)
@@ -292,8 +295,13 @@ def run_scoring(backend: ScoringBackend, prepared: Prepared, settings: Quantizat
 def finish(float_model: nn.Module, scores: Scores, settings: QuantizationSettings,
            folded: list[tuple[str, str]], evaluation: list[Batch],
            references: list[list[torch.Tensor]], in_sample: bool, evaluate: bool,
-           previous: CompressResult | None = None) -> CompressResult:
-    """Plan, build the compressed model and compute the tables from stored scores."""
+           previous: CompressResult | None = None,
+           known_thresholds: pa.Table | None = None) -> CompressResult:
+    """Plan, build the compressed model and compute the tables from stored scores.
+
+    Plans whose error is already in `known_thresholds` (or `previous.thresholds`) are not
+    measured again; with `evaluate`, every other plan runs on the held-out batches.
+    """
     layer_scores = scores.layer_scores()
     pins = [Pin(p.pattern, p.scheme) for p in settings.pins]
     sizes = {layer.name: tables.layer_bytes(float_model, layer) for layer in scores.layers}
@@ -306,19 +314,27 @@ def finish(float_model: nn.Module, scores: Scores, settings: QuantizationSetting
         return build.build_compressed(float_model, scores.layers, decisions, scores.activations,
                                       settings.clip_search)
 
-    def fidelity_for(decisions: list[Decision]) -> Fidelity:
-        return measure(build_for(decisions), evaluation, references)
-
-    def bytes_for(decisions: list[Decision]) -> int:
-        return tables.model_bytes(float_bytes, scores.layers, decisions, sizes)
-
     decisions = plan_for(settings.threshold)
     model = build_for(decisions)
+
+    def fidelity_for(candidate: list[Decision]) -> Fidelity:
+        # The chosen plan's model is already built; other plans are built for the measurement.
+        built = model if candidate == decisions else build_for(candidate)
+        return measure(built, evaluation, references)
+
+    def bytes_for(candidate: list[Decision]) -> int:
+        return tables.model_bytes(float_bytes, scores.layers, candidate, sizes)
+
+    known_table = known_thresholds if known_thresholds is not None else (
+        previous.thresholds if previous is not None else None)
+    known = _known_fidelities(known_table, plan_for)
     ladder = thresholds.ladder_with(settings.threshold)
+    started = time.perf_counter()
+    rows = thresholds.evaluate_ladder(ladder, plan_for, bytes_for,
+                                      fidelity_for if evaluate else None, known)
     if evaluate:
-        rows = thresholds.evaluate_ladder(ladder, plan_for, bytes_for, fidelity_for)
-    else:
-        rows = _reuse_fidelity(ladder, plan_for, bytes_for, previous)
+        logger.info("threshold ladder measured on %d held-out batches in %.1f s",
+                    len(evaluation), time.perf_counter() - started)
 
     return CompressResult(
         model=model, threshold=settings.threshold,
@@ -332,20 +348,17 @@ def finish(float_model: nn.Module, scores: Scores, settings: QuantizationSetting
     )
 
 
-def _reuse_fidelity(ladder, plan_for, bytes_for, previous: CompressResult | None):
+def _known_fidelities(table: pa.Table | None, plan_for) -> dict[tuple, Fidelity]:
+    """Errors already measured for a ladder, keyed by the plan each threshold gives now."""
     known: dict[tuple, Fidelity] = {}
-    if previous is not None:
-        for row in previous.thresholds.to_pylist():
-            if row["relative_error"] is None:
-                continue
-            key = tuple((d.layer, d.scheme) for d in plan_for(row["threshold"]))
-            known[key] = Fidelity(row["relative_error"], row["cosine_mean"], row["cosine_min"])
-    rows = []
-    for threshold in ladder:
-        decisions = plan_for(threshold)
-        key = tuple((d.layer, d.scheme) for d in decisions)
-        rows.append(thresholds.ThresholdRow(threshold, decisions, bytes_for(decisions), known.get(key)))
-    return rows
+    if table is None:
+        return known
+    for row in table.to_pylist():
+        if row["relative_error"] is None:
+            continue
+        key = thresholds.plan_key(plan_for(row["threshold"]))
+        known[key] = Fidelity(row["relative_error"], row["cosine_mean"], row["cosine_min"])
+    return known
 
 
 __all__ = ["CompressResult", "compress", "SCHEMES"]

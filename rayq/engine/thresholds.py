@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +14,8 @@ from rayq.quant.schemes import FLOAT, SCHEMES
 
 LADDER = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 5e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 RECOMMENDED_THRESHOLD = 0.005
+
+logger = logging.getLogger(__name__)
 
 THRESHOLDS_SCHEMA = pa.schema(
     [("threshold", pa.float64()), ("chosen", pa.bool_())]
@@ -56,19 +59,29 @@ def ladder_with(chosen: float, ladder: tuple[float, ...] = LADDER) -> list[float
     return sorted(set(ladder) | {chosen})
 
 
+def plan_key(decisions: list[Decision]) -> tuple:
+    return tuple((d.layer, d.scheme) for d in decisions)
+
+
 def evaluate_ladder(thresholds: list[float], plan_for: Callable[[float], list[Decision]],
                     bytes_for: Callable[[list[Decision]], int],
-                    fidelity_for: Callable[[list[Decision]], Fidelity] | None) -> list[ThresholdRow]:
-    """Plan each threshold and measure each distinct plan once."""
-    measured: dict[tuple, Fidelity] = {}
+                    fidelity_for: Callable[[list[Decision]], Fidelity] | None,
+                    known: dict[tuple, Fidelity] | None = None) -> list[ThresholdRow]:
+    """Plan each threshold and measure each distinct plan once.
+
+    Plans in `known` reuse their stored error. Without `fidelity_for`, other plans get none.
+    """
+    measured: dict[tuple, Fidelity] = dict(known or {})
+    plans = [(threshold, plan_for(threshold)) for threshold in thresholds]
+    pending = {plan_key(d) for _, d in plans} - set(measured)
+    if fidelity_for is not None and pending:
+        logger.info("measuring %d distinct plans end to end", len(pending))
     rows = []
-    for threshold in thresholds:
-        decisions = plan_for(threshold)
-        key = tuple((d.layer, d.scheme) for d in decisions)
-        fidelity = None
-        if fidelity_for is not None:
-            if key not in measured:
-                measured[key] = fidelity_for(decisions)
-            fidelity = measured[key]
-        rows.append(ThresholdRow(threshold, decisions, bytes_for(decisions), fidelity))
+    for threshold, decisions in plans:
+        key = plan_key(decisions)
+        if key not in measured and fidelity_for is not None:
+            measured[key] = fidelity_for(decisions)
+            logger.info("threshold %g measured (%d of %d plans)", threshold,
+                        len(pending) - len(pending - set(measured)), len(pending))
+        rows.append(ThresholdRow(threshold, decisions, bytes_for(decisions), measured.get(key)))
     return rows

@@ -71,6 +71,13 @@ def _weight_refs(module: nn.Module) -> tuple[list[WeightRef], bool] | None:
     return None
 
 
+def _no_input_quantization(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "the input is integer indices, not activations"
+    return (f"8-bit inputs are supported for Linear and convolution layers only, "
+            f"not {type(module).__name__}")
+
+
 def _is_attention_output(name: str, owners: dict[str, nn.Module]) -> bool:
     parent, _, leaf = name.rpartition(".")
     return leaf == "out_proj" and isinstance(owners.get(parent), nn.MultiheadAttention)
@@ -102,7 +109,7 @@ def find_layers(model: nn.Module) -> tuple[list[LayerSpec], list[FloatModule]]:
             if owner:
                 claimed.add(f"{name}.{owner}" if name else owner)
         count = sum(module.get_parameter(r.path).numel() for r in refs)
-        unfit = {} if input_ok else {"w8a8": "input is not a single float tensor"}
+        unfit = {} if input_ok else {"w8a8": _no_input_quantization(module)}
         layers.append(LayerSpec(name, type(module).__name__, refs, count, unfit))
 
     _mark_ties(model, layers)

@@ -12,6 +12,7 @@ Local paths and `s3://` locations.
 from __future__ import annotations
 
 import io
+import os
 import logging
 import re
 from typing import Any
@@ -136,6 +137,17 @@ def _slice_columns(columns: dict[str, torch.Tensor], batch_size: int, spec: str)
                         "have length 0. Give at least one sample (a row, or an entry along the "
                         "first dimension)")
     return [{k: v[i:i + batch_size] for k, v in columns.items()} for i in range(0, count, batch_size)]
+
+
+def check_spec(spec: str) -> None:
+    """Reject an unsupported format or a missing local file before any heavy work starts."""
+    lowered = spec.lower()
+    if spec != PYDOC and not lowered.endswith((".txt", ".text", ".md", ".parquet", ".safetensors")):
+        raise DataError(f"unsupported calibration data {spec!r}: use {PYDOC}, a .txt file, a "
+                        ".parquet file or a .safetensors file")
+    location = parse_location(spec) if spec != PYDOC else None
+    if location is not None and location.is_local and not os.path.isfile(location.root):
+        raise DataError(f"calibration data {spec!r} not found; check the path")
 
 
 def load_batches(spec: str, tokenizer: Any = None, batch_size: int = 16, max_length: int = 128,
