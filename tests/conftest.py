@@ -20,6 +20,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread.
+
+    Tiny tensors gain nothing from intra-op threads, and on a busy machine the thread handoffs
+    make each small op many times slower.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def pickled_by_value(request):
+    """Send the requesting test module's classes to Ray workers by value.
+
+    Ray workers cannot import test modules, so models defined in them travel by value.
+    """
+    import ray.cloudpickle
+
+    module = request.module
+    ray.cloudpickle.register_pickle_by_value(module)
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(module)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray instance with 2 CPUs, shared by the tests that can share one."""

@@ -17,8 +17,8 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
-
 from conftest import run_cli
+
 from rayq.cli.main import main
 
 FACTORY_MODULE = "rayq_cli_test_model"

@@ -12,15 +12,7 @@ import rayq
 from rayq.model.compressed import QuantizedWeight, quantized_weights
 from rayq.storage.run import load_run_model, open_run, write_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy machine the thread handoffs
-    # make each small op many times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tagger(nn.Module):

@@ -24,6 +24,8 @@ SCHEMES = ["int4", "int8", "w8a8"]
 BATCH_COUNT = 10
 SCORED_BATCHES = 9
 
+pytestmark = pytest.mark.usefixtures("pickled_by_value")
+
 
 class MixedModel(nn.Module):
     """An embedding, a convolution with a BatchNorm to fold, an LSTM, attention and a linear head."""
@@ -43,17 +45,6 @@ class MixedModel(nn.Module):
         x, _ = self.lstm(x)
         x, _ = self.attention(x, x, x, need_weights=False)
         return self.head(x.mean(dim=1))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pickle_this_module_by_value():
-    # Ray workers cannot import this test module, so MixedModel travels by value.
-    import ray.cloudpickle
-
-    module = sys.modules[__name__]
-    ray.cloudpickle.register_pickle_by_value(module)
-    yield
-    ray.cloudpickle.unregister_pickle_by_value(module)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 import rayq
-from rayq.scoring.quantized import quantize_weight
 from rayq.quant.schemes import SCHEMES
+from rayq.scoring.quantized import quantize_weight
 
 SCHEMES_UNDER_TEST = ["int4", "int8", "w8a8"]
+
+pytestmark = pytest.mark.usefixtures("pickled_by_value")
 
 
 class Mixed(nn.Module):
@@ -33,19 +35,6 @@ class Mixed(nn.Module):
         x, _ = self.lstm(x)
         x, _ = self.attention(x, x, x)
         return {"logits": self.head(torch.relu(self.hidden(x)))}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pickle_this_module_by_value():
-    # Ray workers cannot import this test module, so the model class travels by value.
-    import sys
-
-    import ray.cloudpickle
-
-    module = sys.modules[__name__]
-    ray.cloudpickle.register_pickle_by_value(module)
-    yield
-    ray.cloudpickle.unregister_pickle_by_value(module)
 
 
 @pytest.fixture(scope="module")

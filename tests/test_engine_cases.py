@@ -5,39 +5,15 @@ import math
 
 import pytest
 import torch
+from helpers import plan_rows, quantizer, randn_batches, sensitivity_rows
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import rayq
 from rayq.errors import ConfigError, DataError, RayqError
-from rayq.model.compressed import INPUT_SCALE, QuantizedWeight, quantized_weights
+from rayq.model.compressed import INPUT_SCALE, quantized_weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy machine the thread handoffs
-    # make each small op many times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def randn_batches(count: int, *shape, seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=generator).to(dtype) for _ in range(count)]
-
-
-def plan_rows(result) -> dict[str, dict]:
-    return {row["layer"]: row for row in result.plan.to_pylist()}
-
-
-def sensitivity_rows(result) -> dict[tuple[str, str], dict]:
-    return {(row["layer"], row["scheme"]): row for row in result.sensitivity.to_pylist()}
-
-
-def quantizer(model: nn.Module, module_name: str, attribute: str = "weight") -> QuantizedWeight:
-    return model.get_submodule(module_name).parametrizations[attribute][0]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -39,30 +39,9 @@ from rayq.storage.run import load_run_model, open_run, write_run
 HALF_STEP_SLACK = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from helpers import plan_rows, quantizer, randn_batches, sensitivity_rows
 
-
-def randn_batches(count: int, *shape, seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=generator).to(dtype) for _ in range(count)]
-
-
-def plan_rows(result) -> dict[str, dict]:
-    return {row["layer"]: row for row in result.plan.to_pylist()}
-
-
-def sensitivity_rows(result) -> dict[tuple[str, str], dict]:
-    return {(row["layer"], row["scheme"]): row for row in result.sensitivity.to_pylist()}
-
-
-def quantizer(model: nn.Module, module_name: str, attribute: str = "weight") -> QuantizedWeight:
-    return model.get_submodule(module_name).parametrizations[attribute][0]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def restored_rows(quantized: QuantizedWeight) -> torch.Tensor:

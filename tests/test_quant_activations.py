@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from rayq.quant.activations import (QMAX, QMIN, ActivationParams, Histogram, calibrate,
-                                    fake_quantize_activation, params_for_range)
+from rayq.quant.activations import (
+    QMAX,
+    QMIN,
+    ActivationParams,
+    Histogram,
+    calibrate,
+    fake_quantize_activation,
+    params_for_range,
+)
 
 
 def histogram_of(*parts: torch.Tensor) -> Histogram:

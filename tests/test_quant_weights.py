@@ -5,9 +5,17 @@ import torch
 
 from rayq.quant.layout import Layout
 from rayq.quant.schemes import SCHEMES
-from rayq.quant.weights import (INT4_WEIGHTS, INT8_WEIGHTS, MIN_SCALE, choose_scales,
-                                dequantize_rows, fake_quantize_rows, pack_int4, quantize_rows,
-                                unpack_int4)
+from rayq.quant.weights import (
+    INT4_WEIGHTS,
+    INT8_WEIGHTS,
+    MIN_SCALE,
+    choose_scales,
+    dequantize_rows,
+    fake_quantize_rows,
+    pack_int4,
+    quantize_rows,
+    unpack_int4,
+)
 from rayq.scoring.quantized import quantize_weight
 
 FORMATS = {"int8": INT8_WEIGHTS, "int4": INT4_WEIGHTS}

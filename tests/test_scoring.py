@@ -16,20 +16,19 @@ from rayq.planning.plan import make_plan
 from rayq.quant.activations import calibrate
 from rayq.quant.schemes import SCHEMES, by_compression
 from rayq.scoring.quantized import WeightBank
-from rayq.scoring.sensitivity import (LayerSums, gather_activation_stats, merge_stats, qs_value,
-                                      reduce_sums, score_batches)
+from rayq.scoring.sensitivity import (
+    LayerSums,
+    gather_activation_stats,
+    merge_stats,
+    qs_value,
+    reduce_sums,
+    score_batches,
+)
 
 ALL_SCHEMES = ["int4", "w8a8", "int8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy machine the thread handoffs
-    # make each small op many times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CustomLinear(nn.Linear):

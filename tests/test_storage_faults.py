@@ -24,11 +24,15 @@ import pyarrow.parquet as pq
 import pytest
 import safetensors.torch
 import torch
-from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+)
+from conftest import run_cli
 from torch import nn
 
 import rayq
-from conftest import run_cli
 from rayq.cli.main import main
 from rayq.errors import StorageError
 from rayq.storage import retry
