@@ -1,7 +1,7 @@
 """`rayq.compress`: score every layer, plan for a threshold, build and evaluate the model.
 
-The steps are the same whether scoring runs here or on Ray actors; a `ScoringBackend` does the
-two passes over the calibration data and everything else happens in the calling process.
+The steps are the same whether scoring runs here or on Ray actors. A `ScoringBackend` makes the
+passes over the calibration data, and everything else happens in the calling process.
 """
 
 from __future__ import annotations
@@ -115,7 +115,12 @@ def split_batches(batches: list[Batch], evaluation: list[Batch] | None,
                         "Give at least one batch (ten or more to get held-out error figures).")
     if evaluation:
         return batches, evaluation, False
-    count = held_out if held_out is not None else (len(batches) // 10 if len(batches) >= 10 else 0)
+    if held_out is not None:
+        count = held_out
+    elif len(batches) >= 10:
+        count = len(batches) // 10
+    else:
+        count = 0
     if count <= 0:
         return batches, batches, True
     if count >= len(batches):
@@ -136,7 +141,7 @@ class Scores:
     mode: str = "local"
 
     def layer_scores(self) -> list[LayerScore]:
-        """The scores the plan uses: local QS, or end-to-end QS in end_to_end mode."""
+        """Return the scores the plan uses: local QS, or end-to-end QS in end_to_end mode."""
         result = []
         for layer in self.layers:
             sums = self.totals[layer.name]

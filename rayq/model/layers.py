@@ -1,4 +1,4 @@
-"""Find the quantizable layers of a model and say why the other parameterised modules stay float."""
+"""Find the quantizable layers of a model, and record why the other parameterised modules stay float."""
 
 from __future__ import annotations
 

@@ -140,8 +140,8 @@ class _Scorer:
             return
         sums = self.current.setdefault(layer.name, LayerSums())
         sums.calls += 1
-        # A finite output energy proves every output value finite; only when it is not are the
-        # values counted, which keeps the common case to one pass over the output.
+        # A finite output energy proves every output value finite. Values are counted only when
+        # it is not, so the common case makes one pass over the output.
         signal = _squared_norm(reference)
         if not math.isfinite(signal):
             bad_inputs = _count_nonfinite((args, kwargs))
