@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import pyarrow as pa
@@ -506,3 +507,27 @@ def test_dry_run_wrong_shape_exits_2(ray_local, workspace, factory_importable, t
     err = capsys.readouterr().err
     assert "tensor of shape (4, 5, 16)" in err
     assert_nothing_written(output)
+
+
+def test_plan_in_place_with_overwrite(finished_run, workspace, tmp_path):
+    """`rayq plan LOCATION --overwrite` replaces the run it re-plans."""
+    _, _, output = finished_run
+    copy_of_run = tmp_path / "in-place"
+    shutil.copytree(output, copy_of_run)
+    process = run_cli("plan", str(copy_of_run), "--threshold", "0", "--overwrite",
+                      "--trust-code", env=subprocess_env(workspace), timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert read_manifest(copy_of_run)["config"]["threshold"] == 0.0
+
+
+def test_plan_rejects_corrupted_parent(finished_run, tmp_path, capsys):
+    _, _, output = finished_run
+    broken = tmp_path / "broken"
+    shutil.copytree(output, broken)
+    summary = broken / "summary.txt"
+    summary.write_bytes(b"x" + summary.read_bytes()[1:])
+    code = main(["plan", str(broken), "--threshold", "0", "--output", str(tmp_path / "new"),
+                 "--trust-code"])
+    assert code == 2
+    assert "summary.txt is corrupted" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

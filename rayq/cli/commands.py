@@ -142,6 +142,10 @@ def _write_and_print(result, job: JobConfig, output, source: dict, started: floa
     print(f"wrote {output.uri} in {time.perf_counter() - started:.0f} s")
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def _size(count: int) -> str:
     if count >= 1e6:
         return f"{count / 1e6:.1f} MB"
@@ -155,7 +159,7 @@ def report(args: argparse.Namespace) -> int:
     run.verify()
     print(run.read("summary.txt").decode(), end="")
     origin = (f"re-planned from {run.manifest['parent']}" if run.manifest.get("parent")
-              else f"{len(run.manifest['workers'])} workers")
+              else _count(len(run.manifest["workers"]), "worker"))
     print(f"run: {run.location.uri} (rayq {run.manifest['versions'].get('rayq', '?')}, {origin})")
     return 0
 
@@ -179,6 +183,7 @@ def plan(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     threshold = check_threshold(args.threshold)
     run = open_run(args.location)
+    run.verify()  # a corrupted parent must not seed a new run
     target = parse_location(args.output or args.location)
     check_writable(target, args.overwrite)
     try:
@@ -208,7 +213,8 @@ def plan(args: argparse.Namespace) -> int:
     result = finish(prepared.model, scores, settings, prepared.folded, held_out,
                     reference_outputs(prepared.model, held_out), in_sample, evaluate=True,
                     known_thresholds=run.table("thresholds"))
-    job = job.model_copy(update={"threshold": threshold, "output": target.uri})
+    job = job.model_copy(update={"threshold": threshold, "output": target.uri,
+                                 "overwrite": args.overwrite})
     _write_and_print(result, job, target, source, started,
                      extra={"parent": run.location.uri, "parent_threshold": run.manifest["config"].get("threshold")})
     return 0

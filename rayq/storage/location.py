@@ -45,9 +45,13 @@ class Location:
             with self.fs.open_input_stream(self.path(*parts)) as stream:
                 return stream.read()
         except FileNotFoundError:
-            raise StorageError(f"{self.uri.rstrip('/')}/{'/'.join(parts)} not found") from None
+            raise StorageError(f"{self.describe(*parts)} not found") from None
         except OSError as exc:
-            raise StorageError(f"cannot read {self.uri.rstrip('/')}/{'/'.join(parts)}: {exc}") from None
+            raise StorageError(f"cannot read {self.describe(*parts)}: {exc}") from None
+
+    def describe(self, *parts: str) -> str:
+        """The user's URI of a path under this location, for messages."""
+        return "/".join([self.uri.rstrip("/"), *parts]) if parts else self.uri
 
     def bucket_and_key(self, *parts: str) -> tuple[str, str]:
         """Split an S3 location's path into its bucket and object key (empty for the bucket root)."""
