@@ -209,7 +209,7 @@ def test_report_subprocess_prints_tables(finished_run, workspace):
     assert "conv" in process.stdout
     assert "head" in process.stdout
     assert f"run: {output} (rayq" in process.stdout
-    assert "1 workers" in process.stdout
+    assert "1 worker)" in process.stdout
 
 
 def test_report_in_process_detects_tampering(finished_run, tmp_path, capsys):
