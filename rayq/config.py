@@ -78,7 +78,7 @@ class QuantizationSettings(BaseModel):
 
 
 class ExecutionSettings(BaseModel):
-    """Where scoring runs: in the calling process, or on Ray actors."""
+    """Execution settings: scoring in the calling process or on Ray actors."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -96,7 +96,7 @@ class ExecutionSettings(BaseModel):
 
 
 class JobConfig(QuantizationSettings, ExecutionSettings):
-    """A `rayq compress` job: what a job file holds and what the flags set."""
+    """A `rayq compress` job: the settings of a job file and of the flags."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,6 +1,6 @@
 """The real pretrained model: all-MiniLM-L6-v2 calibrated on Python documentation prose.
 
-One compression run at threshold 0.001 is shared by the tests; its threshold table also holds the
+One compression run at threshold 0.001 is shared by the tests; its threshold table also contains the
 recommended 0.005, since the ladder is planned from the same scores.
 """
 

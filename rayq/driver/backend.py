@@ -2,8 +2,8 @@
 
 Batches go to the object store in chunks; idle actors take the next chunk. Results carry the
 global batch index, so the engine reduces them in batch order and one worker or many give the
-same bits. An actor that dies is replaced and its chunk is scored again; when a slot runs out of
-restarts the run fails naming the worker and the unfinished batches.
+same bits. An actor that dies is replaced and its chunk is scored again. When a slot runs out of
+restarts, the run fails with an error naming the worker and the unfinished batches.
 """
 
 from __future__ import annotations

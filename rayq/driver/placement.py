@@ -27,7 +27,7 @@ class WorkerRequest:
 
 
 def default_request(workers: int, cluster_gpus: float, cpus: float | None, gpus: float | None) -> WorkerRequest:
-    """One GPU per worker where the cluster has GPUs, one CPU otherwise, unless the job sets them."""
+    """Return the request: one GPU per worker where the cluster has GPUs, else one CPU, unless set."""
     if gpus is None:
         gpus = 1.0 if cluster_gpus >= 1 else 0.0
     if cpus is None:

@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 import pyarrow as pa
-import torch
 from torch import nn
 
 from rayq.model.layers import FloatModule, LayerSpec, weight_of
@@ -158,6 +157,3 @@ def model_bytes(float_bytes: int, layers: list[LayerSpec], decisions: list[Decis
         total += size.after[decision.scheme] - size.before
     return total
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -3,7 +3,7 @@
 An eval-mode BatchNorm right after a convolution is an affine map per channel, so it can be
 merged into the convolution's weight and bias. Folding is applied only when the convolution's
 output feeds nothing but that BatchNorm, which is read off a `torch.fx` trace; a model that
-cannot be traced keeps its BatchNorms, and the log says so.
+cannot be traced keeps its BatchNorms, and a warning is logged.
 """
 
 from __future__ import annotations

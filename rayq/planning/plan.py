@@ -15,7 +15,7 @@ from rayq.quant.schemes import FLOAT, SCHEMES, Scheme, by_compression
 
 @dataclass(frozen=True)
 class LayerScore:
-    """What the plan needs to know about one layer: its calls, QS per scheme and why not."""
+    """The plan's view of one layer: its calls, QS per scheme and the schemes that do not fit."""
 
     name: str
     module_type: str
@@ -143,7 +143,7 @@ def _pin_decision(score: LayerScore, pin: Pin) -> Decision:
 
 
 def _resolve_ties(scores: list[LayerScore], decisions: dict[str, Decision]) -> None:
-    """A shared weight is quantized once: every layer sharing it takes the least compressed choice."""
+    """Give every layer of a shared weight the least compressed choice, so it is quantized once."""
     seen: set[str] = set()
     for score in scores:
         if not score.tied_with or score.name in seen:

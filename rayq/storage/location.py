@@ -50,7 +50,7 @@ class Location:
             raise StorageError(f"cannot read {self.describe(*parts)}: {exc}") from None
 
     def describe(self, *parts: str) -> str:
-        """The user's URI of a path under this location, for messages."""
+        """Return the user's URI of a path under this location, for messages."""
         return "/".join([self.uri.rstrip("/"), *parts]) if parts else self.uri
 
     def bucket_and_key(self, *parts: str) -> tuple[str, str]:

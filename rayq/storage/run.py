@@ -1,9 +1,9 @@
-"""A run on storage: the files of DESIGN's layout, written safely, with the manifest last.
+"""A run on storage: model, tables, summary and manifest, written safely, with the manifest last.
 
 A local run is written into a hidden staging folder beside the target and renamed into place, so
-a location never holds files of two runs and an interrupted write leaves nothing behind. On S3,
+a location never contains files of two runs and an interrupted write leaves nothing behind. On S3,
 files are uploaded first and `manifest.json` last (see `rayq.storage.s3_write`); a location
-without a manifest is an incomplete run, and readers say so.
+without a manifest is an incomplete run, and readers report it as one.
 
 Errors and CLI exit codes:
 - StorageError, exit code 2 (invalid input): a malformed location, a missing bucket, an output
@@ -69,7 +69,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def run_files(result, source: dict | None) -> dict[str, bytes]:
-    """Every file of a run except the manifest, as bytes keyed by relative path."""
+    """Return every file of a run except the manifest, as bytes keyed by relative path."""
     files = {}
     with tempfile.TemporaryDirectory() as folder:
         model_io.save_model(result.model, folder, result.folded, source)
