@@ -48,6 +48,12 @@ class QuantizationSettings(BaseModel):
         "local", description="local (default): one float pass scores every layer on its own "
         "output. end_to_end: also quantize one layer at a time and measure the whole model's "
         "output, at one model pass per layer, scheme and batch; the plan then uses these scores.")
+    qs_normalization: Literal["energy", "position"] = Field(
+        "energy", description="How local QS normalizes the error. energy (default): error "
+        "energy over signal energy summed over all outputs. position: each output position "
+        "(token, pixel, sample) divided by its own signal energy, then averaged, so a few "
+        "positions with very large outputs cannot hide the error on the rest; use it for "
+        "transformers, whose special tokens carry outputs hundreds of times larger.")
     clip_search: bool = Field(
         True, description="Search a clipped weight scale per group with less error than absmax.")
     evaluation_batches: int | None = Field(

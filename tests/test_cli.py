@@ -279,6 +279,31 @@ def test_plan_subprocess_replans_at_zero(finished_run, workspace, tmp_path):
     assert (output / "manifest.json").read_bytes() == before
 
 
+def test_plan_narrows_schemes(finished_run, workspace, tmp_path):
+    _, _, output = finished_run
+    new = tmp_path / "int8-only"
+    process = run_cli("plan", str(output), "--threshold", "1", "--schemes", "int8", "--output",
+                      str(new), "--trust-code", env=subprocess_env(workspace), timeout=300)
+    assert process.returncode == 0, process.stderr
+    plan = pq.read_table(new / "plan.parquet").to_pylist()
+    assert {r["scheme"] for r in plan if r["quantizable"]} == {"int8"}
+    assert read_manifest(new)["config"]["schemes"] == ["int8"]
+    rows = pq.read_table(new / "thresholds.parquet").to_pylist()
+    assert all(r["layers_int4"] == 0 for r in rows)
+    assert all(r["cosine_mean"] is not None for r in rows)
+
+
+def test_plan_rejects_unscored_scheme(finished_run, tmp_path, capsys):
+    _, _, output = finished_run
+    new = tmp_path / "replanned"
+    assert main(["plan", str(output), "--threshold", "0.005", "--schemes", "w8a8", "--output",
+                 str(new)]) == 2
+    err = capsys.readouterr().err
+    assert "w8a8" in err and "int4" in err
+    assert "Traceback" not in err
+    assert_nothing_written(new)
+
+
 def test_plan_of_factory_run_needs_trust_code(finished_run, tmp_path, capsys):
     _, _, output = finished_run
     new = tmp_path / "replanned"

@@ -23,7 +23,8 @@ def stop_ray() -> None:
 def _flag_values(args: argparse.Namespace) -> dict:
     values = {name: getattr(args, name) for name in (
         "model", "model_weights", "calibration", "evaluation", "output", "threshold",
-        "activation_method", "sensitivity_mode", "batch_size", "max_batches", "max_length", "workers", "address",
+        "activation_method", "sensitivity_mode", "qs_normalization", "batch_size", "max_batches",
+        "max_length", "workers", "address",
         "worker_cpus", "worker_gpus", "max_restarts", "overwrite")}
     if args.schemes is not None:
         values["schemes"] = [s.strip() for s in args.schemes.split(",") if s.strip()]
@@ -172,7 +173,7 @@ def plan(args: argparse.Namespace) -> int:
     """
     from pydantic import ValidationError
 
-    from rayq.engine.compress import finish, prepare, split_batches
+    from rayq.engine.compress import check_scored_schemes, finish, prepare, split_batches
     from rayq.engine.evaluate import reference_outputs
     from rayq.engine.stored import scores_from_table
     from rayq.planning.plan import check_threshold
@@ -193,6 +194,10 @@ def plan(args: argparse.Namespace) -> int:
                         "calibration data), as runs written by rayq.save do, so it cannot be "
                         "re-planned from the command line; use CompressResult.replan in "
                         "Python") from None
+    schemes = job.schemes
+    if args.schemes is not None:
+        schemes = check_scored_schemes(
+            [s.strip() for s in args.schemes.split(",") if s.strip()], job.schemes)
     source = run.manifest.get("source") or {}
     if not source:
         raise DataError(f"{run.location.uri} does not record its model source, so it cannot be "
@@ -208,12 +213,14 @@ def plan(args: argparse.Namespace) -> int:
     evaluation = (load_batches(job.evaluation, loaded.tokenizer, job.batch_size, job.max_length)
                   if job.evaluation else None)
     _, held_out, in_sample = split_batches(batches, evaluation, job.evaluation_batches)
-    settings = job.quantization().model_copy(update={"threshold": threshold})
+    settings = job.quantization().model_copy(update={"threshold": threshold, "schemes": schemes})
     # Plans already measured in the stored guidance table keep their errors; only new ones run.
+    # A table planned with other candidates holds other plans, so it is measured anew.
+    known = run.table("thresholds") if set(schemes) == set(job.schemes) else None
     result = finish(prepared.model, scores, settings, prepared.folded, held_out,
                     reference_outputs(prepared.model, held_out), in_sample, evaluate=True,
-                    known_thresholds=run.table("thresholds"))
-    job = job.model_copy(update={"threshold": threshold, "output": target.uri,
+                    known_thresholds=known)
+    job = job.model_copy(update={"threshold": threshold, "schemes": schemes, "output": target.uri,
                                  "overwrite": args.overwrite})
     _write_and_print(result, job, target, source, started,
                      extra={"parent": run.location.uri, "parent_threshold": run.manifest["config"].get("threshold")})

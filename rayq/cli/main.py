@@ -50,6 +50,10 @@ def _compress_parser(sub) -> None:
                    help="local (default): score each layer on its own output in one float pass; "
                    "end_to_end: also quantize one layer at a time and score the whole model's "
                    "output (one model pass per layer, scheme and batch), and plan with those")
+    p.add_argument("--qs-normalization", choices=["energy", "position"],
+                   help="energy (default): QS is error energy over signal energy of all outputs; "
+                   "position: the mean over output positions (tokens, pixels) of each one's "
+                   "relative error, so that a few huge outputs cannot hide the error elsewhere")
     p.add_argument("--batch-size", type=int, help="samples per calibration batch (default 16)")
     p.add_argument("--max-batches", type=int, help="use at most this many calibration batches")
     p.add_argument("--max-length", type=int, help="tokens per text sample, at most (default 128)")
@@ -73,10 +77,14 @@ def _plan_parser(sub) -> None:
                        description="Re-plan a finished run from its stored scores with no scoring "
                        "pass; the new model runs only on the held-out batches to measure its "
                        "error.", epilog="example:\n  rayq plan runs/minilm --threshold 0.001 "
-                       "--output runs/minilm-0.001\n",
+                       "--output runs/minilm-0.001\nexample, with int8 as the only candidate:\n"
+                       "  rayq plan runs/minilm --threshold 0.005 --schemes int8 "
+                       "--output runs/minilm-int8\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("location", help="a finished run: folder, file://PATH or s3://BUCKET/PREFIX")
     p.add_argument("--threshold", required=True, help="new sensitivity threshold, a number >= 0")
+    p.add_argument("--schemes", help="comma-separated candidate schemes for the new plan, among "
+                   "those the run scored (default: the run's own candidates)")
     p.add_argument("--output", help="where to write the new run (default: replace LOCATION, which "
                    "needs --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run at the output")
