@@ -8,8 +8,8 @@ folder (locally) or deletes the files the new run does not contain (on S3).
   and a PUT with `If-None-Match: *` on S3, so of two fleets only one gets it.
 - A claim whose expiry has passed was left by a fleet that crashed or lost its connection, and
   another fleet may take it over: on S3 with a PUT conditional on the stale claim's ETag
-  (`If-Match`), locally by replacing the file while holding an exclusive `flock` on a lock file
-  beside it.
+  (`If-Match`), locally by replacing the file while holding an exclusive `flock` on the claims
+  folder.
 - The owner renews its claims while it works and deletes them when it is done, on S3 with a
   DELETE conditional on its own claim's ETag.
 """
@@ -109,20 +109,27 @@ class ClaimStore:
         return None
 
     def _take_over_local(self, path: str) -> Holder | None:
-        with open(path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            holder = _read_local(path)
-            if holder is None and _age_s(path) < _WRITE_GRACE_S:
-                # An empty claim may be one that its creator is still writing.
-                return Holder("a fleet that is writing its claim", time.time() + _WRITE_GRACE_S)
-            if holder is not None and not holder.expired(time.time()):
-                return holder
-            # NOTE: a claim deleted and created anew by a third fleet between this read and the
-            # replace would be overwritten; only takeovers hold the lock, not creates.
-            logger.warning("taking over the expired claim %s of %s", path,
-                           holder.owner if holder else "an unreadable owner")
-            self._replace_local(path)
-            return None
+        # The lock is on the claims folder itself, so no lock file is left behind.
+        folder = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            return self._take_over_locked(path)
+        finally:
+            os.close(folder)  # closing releases the lock
+
+    def _take_over_locked(self, path: str) -> Holder | None:
+        holder = _read_local(path)
+        if holder is None and _age_s(path) < _WRITE_GRACE_S:
+            # An empty claim may be one that its creator is still writing.
+            return Holder("a fleet that is writing its claim", time.time() + _WRITE_GRACE_S)
+        if holder is not None and not holder.expired(time.time()):
+            return holder
+        # NOTE: a claim deleted and created anew by a third fleet between this read and the
+        # replace would be overwritten; only takeovers take the lock, not creates.
+        logger.warning("taking over the expired claim %s of %s", path,
+                       holder.owner if holder else "an unreadable owner")
+        self._replace_local(path)
+        return None
 
     def _replace_local(self, path: str) -> None:
         temporary = f"{path}.{uuid.uuid4().hex[:8]}.tmp"

@@ -15,6 +15,7 @@ def models_at_once(requests: list[WorkerRequest], nodes: list[dict[str, float]])
     if not requests:
         return 1
     largest = max(requests, key=lambda r: (r.workers * max(r.gpus, 0), r.workers * r.cpus))
-    single = WorkerRequest(1, largest.cpus, largest.gpus)
-    slots = worker_capacity(single, nodes)
+    # Asking for every model's workers at once counts the slots up to what the fleet could use.
+    everything = WorkerRequest(largest.workers * len(requests), largest.cpus, largest.gpus)
+    slots = worker_capacity(everything, nodes)
     return max(1, min(len(requests), slots // largest.workers))
