@@ -158,7 +158,8 @@ def test_zoo_skips_unchanged_and_isolates_failure(ray_local, tmp_path, capsys):
         assert rows[name]["relative_error"] is not None
         assert os.path.isfile(os.path.join(output, name, "manifest.json"))
     assert "broken on purpose" in printed
-    manifest = json.load(open(os.path.join(output, "tone-convnet", "manifest.json")))
+    with open(os.path.join(output, "tone-convnet", "manifest.json")) as handle:
+        manifest = json.load(handle)
     assert set(manifest["fingerprint"]["parts"]) == {"weights", "data", "config"}
     assert not os.path.exists(os.path.join(output, ".claims"))
 
