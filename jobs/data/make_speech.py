@@ -10,7 +10,8 @@ English voices, resampled to 16 kHz. The files are committed, so running the zoo
   torchcrepe does before its model.
 - speech-mels.safetensors: `mels` (N, 160, 40), three 1.6 s partial utterances per sentence of 40-band mel frames
   made by Resemblyzer's `preprocess_wav` (volume normalization, silence trimming) and
-  `wav_to_mel_spectrogram`, the input of its voice encoder.
+  `wav_to_mel_spectrogram`, the input of its voice encoder. The metadata entry `voices` lists
+  the espeak-ng voice of each partial, comma-separated.
 """
 
 from __future__ import annotations
@@ -89,15 +90,19 @@ def partial_mels(wav: np.ndarray) -> list[np.ndarray]:
 
 
 def main() -> None:
-    frames, mels = [], []
+    frames, mels, voices = [], [], []
     for index, text in enumerate(sentences(SENTENCES)):
         wav = speak(text, VOICES[index % len(VOICES)])
         frames.append(crepe_frames(wav))
-        mels.extend(partial_mels(wav))
+        partials = partial_mels(wav)
+        mels.extend(partials)
+        voices.extend([VOICES[index % len(VOICES)]] * len(partials))
     save_file({"frames": torch.from_numpy(np.concatenate(frames)).float()},
               os.path.join(HERE, "speech-crepe.safetensors"))
     save_file({"mels": torch.from_numpy(np.ascontiguousarray(np.stack(mels))).float()},
-              os.path.join(HERE, "speech-mels.safetensors"))
+              os.path.join(HERE, "speech-mels.safetensors"),
+              # The voice of each partial, for tests of the speaker embeddings.
+              metadata={"voices": ",".join(voices)})
 
 
 if __name__ == "__main__":
