@@ -40,7 +40,7 @@ PARTIALS_PER_SENTENCE = 3  # keeps the committed file under 2 MB
 
 
 def sentences(count: int) -> list[str]:
-    """The first `count` sentences of 8 to 30 words from the Python documentation's prose."""
+    """Return the first `count` sentences of 8 to 30 words from the Python documentation's prose."""
     chosen = []
     for paragraph in pydoc_paragraphs():
         for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
@@ -64,7 +64,7 @@ def speak(text: str, voice: str) -> np.ndarray:
 
 
 def crepe_frames(wav: np.ndarray) -> np.ndarray:
-    """The loudest-region frames of an utterance, normalized as torchcrepe normalizes them."""
+    """Pick frames from the loud part of an utterance, normalized as torchcrepe normalizes them."""
     hop = RATE // 100
     starts = np.arange(0, len(wav) - 1024, hop)
     frames = np.stack([wav[s:s + 1024] for s in starts])

@@ -6,10 +6,9 @@ folder (locally) or deletes the files the new run does not contain (on S3).
 
 - Creating a claim is a conditional create: `os.open` with O_CREAT | O_EXCL on a local folder,
   and a PUT with `If-None-Match: *` on S3, so of two fleets only one gets it.
-- A claim whose expiry has passed was left by a fleet that crashed or lost its connection, and
-  another fleet may take it over: on S3 with a PUT conditional on the stale claim's ETag
-  (`If-Match`), locally by replacing the file while holding an exclusive `flock` on the claims
-  folder.
+- A claim whose expiry has passed was left by a fleet that crashed or lost its connection, so
+  another fleet may take it over. On S3 it does so with a PUT conditional on the stale claim's
+  ETag (`If-Match`). Locally it replaces the file under an exclusive `flock` on the claims folder.
 - The owner renews its claims while it works and deletes them when it is done, on S3 with a
   DELETE conditional on its own claim's ETag.
 """
@@ -33,7 +32,7 @@ from rayq.storage.location import Location, s3_client
 logger = logging.getLogger(__name__)
 
 CLAIMS_FOLDER = ".claims"
-# S3 answers a failed condition with 412, and with 409 when a conflicting write is in flight.
+# S3 returns a failed condition with 412, and with 409 when a conflicting write is in flight.
 # An unreadable claim younger than this may still be being written, so it is not taken over.
 _WRITE_GRACE_S = 60.0
 _CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
@@ -45,7 +44,7 @@ def new_owner_id() -> str:
 
 @dataclass
 class Holder:
-    """The current claim on a model: who holds it and until when (seconds since the epoch)."""
+    """The current claim on a model: its owner and its expiry time (seconds since the epoch)."""
 
     owner: str
     expires_unix_s: float

@@ -2,7 +2,7 @@
 
 A finished run whose manifest carries the same fingerprint as a new job computes the same
 result, so `rayq zoo` skips the job. The parts (weights, data, config) are stored separately
-too, so the fleet table can say which one changed.
+too, so the fleet table can name the one that changed.
 """
 
 from __future__ import annotations

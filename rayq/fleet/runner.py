@@ -1,8 +1,8 @@
 """Running a fleet: each model is skipped, compressed or failed on its own, several at once.
 
-Each model runs in a thread of the driver that loads the model and its data, starts the model's
-Ray scoring actors, evaluates the plan and writes the run, so a model at once takes its workers'
-CPUs or GPUs on the cluster and its float model and held-out outputs in the driver's memory.
+Each model runs in a thread of the driver. The thread loads the model and its data, starts the
+model's Ray scoring actors, evaluates the plan and writes the run. So a running model takes its
+workers' CPUs or GPUs on the cluster, and its float model and held-out outputs take driver memory.
 A model's failure (a missing file, a forward that raises, a worker that dies more often than
 `max_restarts`) is caught in its thread and recorded; the other models go on.
 """
@@ -55,7 +55,7 @@ class ModelOutcome:
 
 @dataclass
 class FleetRun:
-    """What every model of a fleet needs: the claims of this fleet, and whether to redo all."""
+    """Settings shared by the models of one fleet: its claims, `--force`, and the cluster's nodes."""
 
     claims: ClaimStore
     force: bool = False
@@ -73,7 +73,7 @@ def run_models(jobs: dict[str, JobConfig], fleet: FleetRun, parallel: int) -> li
 
 
 def run_model(name: str, job: JobConfig, fleet: FleetRun) -> ModelOutcome:
-    """Skip, compress or fail one model; never raises."""
+    """Skip, compress or fail one model; any Exception becomes a failed outcome."""
     started = time.perf_counter()
     try:
         outcome = _skip_or_compress(name, job, fleet)
