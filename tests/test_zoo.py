@@ -144,15 +144,19 @@ def test_zoo_skips_unchanged_and_isolates_failure(ray_local, tmp_path, capsys):
     weights = str(tmp_path / "tone.safetensors")
     save_tone_weights(weights)
     output = str(tmp_path / "zoo")
-    fleet = write_fleet(tmp_path, output, weights={"tone-convnet": weights})
+    fleet = write_fleet(tmp_path, output, weights={"tone-convnet": weights},
+                        extra=[{"name": "missing-data", "model": "python:rayq_zoo.tiny:tone_convnet",
+                                "calibration": str(tmp_path / "absent.safetensors")}])
 
     code, printed = run_zoo(fleet, capsys=capsys)
     table = read_local_table(output)
     assert code == 1
     assert statuses(table) == {"text-encoder": "done", "tone-convnet": "done",
-                               "spectrum-lstm": "done", "broken": "failed"}
+                               "spectrum-lstm": "done", "broken": "failed",
+                               "missing-data": "failed"}
     rows = {row["name"]: row for row in table.to_pylist()}
     assert "broken on purpose" in rows["broken"]["reason"]
+    assert "absent.safetensors" in rows["missing-data"]["reason"]
     for name in ("text-encoder", "tone-convnet", "spectrum-lstm"):
         assert rows[name]["compression_ratio"] > 1.0
         assert rows[name]["relative_error"] is not None
@@ -167,7 +171,7 @@ def test_zoo_skips_unchanged_and_isolates_failure(ray_local, tmp_path, capsys):
     assert code == 1
     assert statuses(read_local_table(output)) == {
         "text-encoder": "skipped", "tone-convnet": "skipped", "spectrum-lstm": "skipped",
-        "broken": "failed"}
+        "broken": "failed", "missing-data": "failed"}
 
     save_tone_weights(weights, scale=1.01)
     code, _ = run_zoo(fleet, capsys=capsys)

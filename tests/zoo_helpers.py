@@ -13,9 +13,9 @@ SMALL_ZOO = os.path.join(ROOT, "jobs", "zoo-small.yaml")
 
 
 def write_fleet(folder, output: str, weights: dict[str, str] | None = None,
-                drop: tuple[str, ...] = ()) -> str:
-    """Write the small zoo with absolute data paths, `weights` files per model name, and the
-    models named in `drop` left out; return the file's path."""
+                drop: tuple[str, ...] = (), extra: list[dict] | None = None) -> str:
+    """Write the small zoo with absolute data paths, `weights` files per model name, the models
+    named in `drop` left out and the entries of `extra` added; return the file's path."""
     with open(SMALL_ZOO) as handle:
         fleet = yaml.safe_load(handle)
     fleet["output"] = output
@@ -27,7 +27,7 @@ def write_fleet(folder, output: str, weights: dict[str, str] | None = None,
         if weights and entry["name"] in weights:
             entry["model_weights"] = weights[entry["name"]]
         models.append(entry)
-    fleet["models"] = models
+    fleet["models"] = models + list(extra or [])
     path = os.path.join(str(folder), "fleet.yaml")
     with open(path, "w") as handle:
         yaml.safe_dump(fleet, handle)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 from rayq.cli.jobs import build_job, read_job_file
@@ -140,10 +141,6 @@ def zoo(args: argparse.Namespace) -> int:
     """Compress every model of a fleet file; exit 1 if any model failed."""
     from rayq.config import load_fleet
     from rayq.driver import cluster
-    from rayq.fleet.claims import ClaimStore, new_owner_id, remove_expired_claims
-    from rayq.fleet.runner import FAILED, FleetRun, run_models, worker_request
-    from rayq.fleet.schedule import models_at_once
-    from rayq.fleet.table import FLEET_FILE, fleet_table, fleet_text, write_fleet_table
     from rayq.storage.location import parse_location
     from rayq.storage.run import check_writable
 
@@ -158,7 +155,23 @@ def zoo(args: argparse.Namespace) -> int:
     check_writable(root, overwrite=True)  # reachable, and the bucket exists
 
     address = args.address or next(iter(jobs.values())).address
-    cluster.connect(address)
+    started = cluster.connect(address)
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    try:
+        return _run_fleet(args, fleet, jobs, root)
+    finally:
+        removed = cluster.shutdown(delete_spilled=started and local) if started else []
+        if removed:
+            logger.info("removed Ray's spilled objects: %s", ", ".join(removed))
+
+
+def _run_fleet(args: argparse.Namespace, fleet, jobs: dict, root) -> int:
+    from rayq.driver import cluster
+    from rayq.fleet.claims import ClaimStore, new_owner_id, remove_expired_claims
+    from rayq.fleet.runner import FAILED, FleetRun, run_models, worker_request
+    from rayq.fleet.schedule import models_at_once
+    from rayq.fleet.table import FLEET_FILE, fleet_table, fleet_text, write_fleet_table
+
     nodes = cluster.node_resources()
     parallel = args.parallel or fleet.parallel or models_at_once(
         [worker_request(job, nodes) for job in jobs.values()], nodes)
