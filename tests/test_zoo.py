@@ -125,6 +125,29 @@ def test_release_keeps_claim_taken_over(claim_root):
     assert ClaimStore(claim_root, "third", ttl_s=60).acquire("model").owner == "fresh"
 
 
+def claim_in_process(root: str, start, results) -> None:
+    store = ClaimStore(parse_location(root), new_owner_id(), ttl_s=60)
+    start.wait()
+    results.put(store.acquire("model") is None)
+
+
+def test_claim_race_between_processes(tmp_path):
+    import multiprocessing
+
+    # fork: the children only open files, and spawn would import torch again in each.
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(6)
+    results = context.Queue()
+    processes = [context.Process(target=claim_in_process, args=(str(tmp_path / "zoo"), start, results))
+                 for _ in range(6)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    outcomes = [results.get(timeout=5) for _ in processes]
+    assert outcomes.count(True) == 1
+
+
 def test_remove_expired_claims(tmp_path):
     root = parse_location(str(tmp_path / "zoo"))
     ClaimStore(root, "old", ttl_s=0.1).acquire("stale")
