@@ -206,7 +206,7 @@ def test_zoo_skips_unchanged_and_isolates_failure(ray_local, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_zoo_redoes_interrupted_run(ray_local, tmp_path, capsys):
+def test_zoo_redoes_interrupted_and_corrupted_runs(ray_local, tmp_path, capsys):
     output = str(tmp_path / "zoo")
     fleet = write_fleet(tmp_path, output, drop=("broken", "text-encoder", "spectrum-lstm"))
     assert run_zoo(fleet, capsys=capsys)[0] == 0
@@ -216,6 +216,13 @@ def test_zoo_redoes_interrupted_run(ray_local, tmp_path, capsys):
     row = read_local_table(output).to_pylist()[0]
     assert row["status"] == "done"
     assert row["reason"] == "previous run was interrupted (no manifest)"
+
+    with open(os.path.join(output, "tone-convnet", "thresholds.parquet"), "ab") as handle:
+        handle.write(b"corrupted")
+    assert run_zoo(fleet, capsys=capsys)[0] == 0
+    row = read_local_table(output).to_pylist()[0]
+    assert row["status"] == "done"
+    assert row["reason"] == "previous run with the same fingerprint is corrupted"
 
 
 @pytest.mark.slow

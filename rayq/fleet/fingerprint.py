@@ -26,8 +26,10 @@ _CHUNK = 1 << 20
 def job_fingerprint(job: JobConfig, source: dict, module: nn.Module | None = None) -> dict:
     """Return {"sha256": ..., "parts": {"weights", "data", "config"}} for a job.
 
-    Weights of a Hugging Face folder or a packaged model are the folder's files; a Python
-    factory's are the tensors of `module`, the model it returned with any weights loaded.
+    Weights of a Hugging Face folder or a packaged model are the folder's files. A Python
+    factory's weights are the tensors of `module`, the model it returned with any weights loaded.
+    NOTE: a change to a factory's code that leaves its tensors, names and shapes as they were
+    (a new forward) is not seen; `rayq zoo --force` compresses such a model again.
     """
     parts = {
         "weights": _weights_digest(source, module),

@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from rayq.config import JobConfig
 from rayq.driver.placement import WorkerRequest, check_placement, default_request
-from rayq.errors import RayqError
+from rayq.errors import RayqError, StorageError
 from rayq.fleet.claims import ClaimStore
 from rayq.fleet.fingerprint import changed_parts, job_fingerprint
 from rayq.storage.location import Location, parse_location
@@ -118,8 +118,9 @@ def _skip_or_compress(name: str, job: JobConfig, fleet: FleetRun) -> ModelOutcom
     fingerprint = job_fingerprint(job, source, loaded.module if loaded else None)
 
     state, manifest = previous_run(location)
-    if _unchanged(manifest, fingerprint, fleet.force):
-        return _skipped_from(name, location, manifest)
+    skipped = _skip_unchanged(name, location, manifest, fingerprint, fleet.force)
+    if skipped is not None:
+        return skipped
     holder = fleet.claims.acquire(name)
     if holder is not None:
         until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.expires_unix_s))
@@ -129,9 +130,12 @@ def _skip_or_compress(name: str, job: JobConfig, fleet: FleetRun) -> ModelOutcom
         with _renewing(fleet.claims, name):
             # Another fleet may have finished this model between the first look and the claim.
             state, manifest = previous_run(location)
-            if _unchanged(manifest, fingerprint, fleet.force):
-                return _skipped_from(name, location, manifest)
+            skipped = _skip_unchanged(name, location, manifest, fingerprint, fleet.force)
+            if skipped is not None:
+                return skipped
             reason = _why(state, manifest, fingerprint, fleet.force)
+            if _unchanged(manifest, fingerprint, fleet.force):
+                reason = "previous run with the same fingerprint is corrupted"
             check_placement(worker_request(job, fleet.nodes), fleet.nodes)
             logger.info("compressing %s: %s", name, reason)
             return _compress(name, job, location, loaded, fingerprint, reason)
@@ -162,6 +166,22 @@ def _why(state: str, manifest: dict | None, fingerprint: dict, force: bool) -> s
     if not manifest.get("fingerprint"):
         return "previous run records no fingerprint"
     return " and ".join(changed_parts(manifest["fingerprint"], fingerprint)) + " changed"
+
+
+def _skip_unchanged(name: str, location: Location, manifest: dict | None, fingerprint: dict,
+                    force: bool) -> ModelOutcome | None:
+    """Return the skipped outcome of an unchanged finished run, or None to compress the model.
+
+    A finished run that fails its checksums is compressed again rather than skipped.
+    """
+    if not _unchanged(manifest, fingerprint, force):
+        return None
+    try:
+        return _skipped_from(name, location, manifest)
+    except StorageError as exc:
+        logger.warning("model %s: the finished run at %s is unreadable (%s); compressing again",
+                       name, location.uri, exc)
+        return None
 
 
 def _skipped_from(name: str, location: Location, manifest: dict) -> ModelOutcome:
