@@ -1,7 +1,8 @@
 """Tiny models of the three layer mixes (transformer, convolutional, recurrent) for the small zoo.
 
 Their weights are drawn from a fixed seed, so every process builds the same model, and each takes
-well under a second to score. `broken` raises in its forward, to show a failed model in a fleet.
+well under a second to score. `broken_convnet` raises in its forward and `dying_convnet` ends
+the Ray worker that runs it, to show failed models in a fleet.
 """
 
 from __future__ import annotations
@@ -74,6 +75,25 @@ class BrokenConvNet(ToneConvNet):
         raise RuntimeError("BrokenConvNet.forward is broken on purpose")
 
 
+class DyingConvNet(ToneConvNet):
+    """A ToneConvNet whose forward ends its process inside a Ray worker, as a crash would.
+
+    In the driver it runs normally, so the first batch passes rayq's check there and the
+    failure shows up only on the scoring actors, each time one is replaced.
+    """
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        import os
+
+        import ray
+
+        # NOTE: a private attribute of Ray 2.60: the mode of the process's Ray worker.
+        worker = ray._private.worker.global_worker
+        if getattr(worker, "mode", None) == ray._private.worker.WORKER_MODE:
+            os._exit(1)
+        return super().forward(frames)
+
+
 def text_encoder() -> nn.Module:
     return _seeded(ByteTextEncoder(), seed=1)
 
@@ -88,3 +108,7 @@ def spectrum_lstm() -> nn.Module:
 
 def broken_convnet() -> nn.Module:
     return _seeded(BrokenConvNet(), seed=2)
+
+
+def dying_convnet() -> nn.Module:
+    return _seeded(DyingConvNet(), seed=2)

@@ -21,9 +21,11 @@ from rayq.fleet.claims import ClaimStore, new_owner_id, remove_expired_claims
 from rayq.fleet.runner import FleetRun, run_models
 from rayq.fleet.schedule import models_at_once
 from rayq.storage.location import parse_location
-from tests.zoo_helpers import read_local_table, save_tone_weights, statuses, write_fleet
+from tests.zoo_helpers import ROOT, read_local_table, save_tone_weights, statuses, write_fleet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL_TONES = os.path.join(ROOT, "jobs", "data", "small-tones.safetensors")
 
 
 def fleet_problems(data: dict) -> list[str]:
@@ -169,17 +171,20 @@ def test_zoo_skips_unchanged_and_isolates_failure(ray_local, tmp_path, capsys):
     output = str(tmp_path / "zoo")
     fleet = write_fleet(tmp_path, output, weights={"tone-convnet": weights},
                         extra=[{"name": "missing-data", "model": "python:rayq_zoo.tiny:tone_convnet",
-                                "calibration": str(tmp_path / "absent.safetensors")}])
+                                "calibration": str(tmp_path / "absent.safetensors")},
+                               {"name": "dying-worker", "model": "python:rayq_zoo.tiny:dying_convnet",
+                                "calibration": SMALL_TONES, "max_restarts": 1}])
 
     code, printed = run_zoo(fleet, capsys=capsys)
     table = read_local_table(output)
     assert code == 1
     assert statuses(table) == {"text-encoder": "done", "tone-convnet": "done",
                                "spectrum-lstm": "done", "broken": "failed",
-                               "missing-data": "failed"}
+                               "missing-data": "failed", "dying-worker": "failed"}
     rows = {row["name"]: row for row in table.to_pylist()}
     assert "broken on purpose" in rows["broken"]["reason"]
     assert "absent.safetensors" in rows["missing-data"]["reason"]
+    assert "died 2 times (max_restarts=1)" in rows["dying-worker"]["reason"]
     for name in ("text-encoder", "tone-convnet", "spectrum-lstm"):
         assert rows[name]["compression_ratio"] > 1.0
         assert rows[name]["relative_error"] is not None
@@ -194,7 +199,7 @@ def test_zoo_skips_unchanged_and_isolates_failure(ray_local, tmp_path, capsys):
     assert code == 1
     assert statuses(read_local_table(output)) == {
         "text-encoder": "skipped", "tone-convnet": "skipped", "spectrum-lstm": "skipped",
-        "broken": "failed", "missing-data": "failed"}
+        "broken": "failed", "missing-data": "failed", "dying-worker": "failed"}
 
     save_tone_weights(weights, scale=1.01)
     code, _ = run_zoo(fleet, capsys=capsys)
