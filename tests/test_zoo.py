@@ -21,7 +21,13 @@ from rayq.fleet.claims import ClaimStore, new_owner_id, remove_expired_claims
 from rayq.fleet.runner import FleetRun, run_models
 from rayq.fleet.schedule import models_at_once
 from rayq.storage.location import parse_location
-from tests.zoo_helpers import ROOT, read_local_table, save_tone_weights, statuses, write_fleet
+from tests.zoo_helpers import (
+    ROOT,
+    read_local_table,
+    save_tone_weights,
+    statuses,
+    write_fleet,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
