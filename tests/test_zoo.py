@@ -226,7 +226,7 @@ def test_zoo_redoes_interrupted_and_corrupted_runs(ray_local, tmp_path, capsys):
     assert run_zoo(fleet, capsys=capsys)[0] == 0
     row = read_local_table(output).to_pylist()[0]
     assert row["status"] == "done"
-    assert row["reason"] == "previous run was interrupted (no manifest)"
+    assert row["reason"] == "previous run is incomplete (no readable manifest)"
 
     with open(os.path.join(output, "tone-convnet", "thresholds.parquet"), "ab") as handle:
         handle.write(b"corrupted")

@@ -144,9 +144,15 @@ def _skip_or_compress(name: str, job: JobConfig, fleet: FleetRun) -> ModelOutcom
 
 
 def previous_run(location: Location) -> tuple[str, dict | None]:
-    """Return ("none" | "incomplete" | "finished", the manifest of a finished run)."""
+    """Return ("none" | "incomplete" | "finished", the manifest of a finished run).
+
+    A manifest that is not valid JSON counts as an incomplete run, so the model is redone.
+    """
     if location.exists(MANIFEST):
-        return "finished", json.loads(location.read_bytes(MANIFEST))
+        try:
+            return "finished", json.loads(location.read_bytes(MANIFEST))
+        except json.JSONDecodeError:
+            return "incomplete", None
     return ("incomplete" if location.list_files() else "none"), None
 
 
@@ -162,7 +168,7 @@ def _why(state: str, manifest: dict | None, fingerprint: dict, force: bool) -> s
     if state == "none":
         return "no previous run"
     if state == "incomplete":
-        return "previous run was interrupted (no manifest)"
+        return "previous run is incomplete (no readable manifest)"
     if not manifest.get("fingerprint"):
         return "previous run records no fingerprint"
     return " and ".join(changed_parts(manifest["fingerprint"], fingerprint)) + " changed"
