@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 from rayq.cli.jobs import build_job, read_job_file
@@ -72,36 +73,20 @@ def run_job(job: JobConfig, dry_run: bool = False) -> int:
                               job.worker_cpus, job.worker_gpus)
     check_placement(request, nodes)
 
-    loaded, batches, evaluation = _load_inputs(job)
+    from rayq.engine.job import load_job_inputs
+
+    loaded, batches, evaluation = load_job_inputs(job)
     if dry_run:
         return _dry_run(job, loaded, batches, request)
 
-    import rayq
+    from rayq.engine.job import compress_job
+    from rayq.fleet.fingerprint import job_fingerprint
 
-    quantization = job.quantization()
-    result = rayq.compress(
-        loaded.module, batches, evaluation=evaluation, workers=job.workers or 1,
-        address=job.address, source=loaded.source, worker_cpus=job.worker_cpus,
-        worker_gpus=job.worker_gpus, max_restarts=job.max_restarts,
-        **quantization.model_dump(exclude={"threshold", "schemes", "pins"}),
-        threshold=quantization.threshold, schemes=quantization.schemes,
-        pins=[p.model_dump() for p in quantization.pins])
-    _write_and_print(result, job, output, loaded.source, started)
+    fingerprint = job_fingerprint(job, loaded.source, loaded.module)
+    result = compress_job(job, loaded, batches, evaluation)
+    _write_and_print(result, job, output, loaded.source, started,
+                     extra={"fingerprint": fingerprint})
     return 0
-
-
-def _load_inputs(job: JobConfig):
-    from rayq.sources.data import load_batches
-    from rayq.sources.models import load_source, parse_model_spec
-
-    source = parse_model_spec(job.model, job.model_weights)
-    loaded = load_source(source, trust_code=True)
-    batches = load_batches(job.calibration, loaded.tokenizer, job.batch_size, job.max_length,
-                           job.max_batches)
-    evaluation = None
-    if job.evaluation:
-        evaluation = load_batches(job.evaluation, loaded.tokenizer, job.batch_size, job.max_length)
-    return loaded, batches, evaluation
 
 
 def _dry_run(job, loaded, batches, request) -> int:
@@ -151,6 +136,61 @@ def _size(count: int) -> str:
     if count >= 1e6:
         return f"{count / 1e6:.1f} MB"
     return f"{count / 1e3:.1f} kB" if count >= 1e3 else f"{count} bytes"
+
+
+def zoo(args: argparse.Namespace) -> int:
+    """Compress every model of a fleet file; exit 1 if any model failed."""
+    from rayq.config import load_fleet
+    from rayq.driver import cluster
+    from rayq.storage.location import parse_location
+    from rayq.storage.run import check_writable
+
+    if args.parallel is not None and args.parallel < 1:
+        raise ConfigError(f"invalid --parallel {args.parallel}: expected at least 1")
+    data = read_job_file(args.fleet)
+    if args.output:
+        data["output"] = args.output
+    fleet = load_fleet(data, args.fleet)
+    jobs = fleet.jobs(args.fleet)
+    root = parse_location(fleet.output)
+    check_writable(root, overwrite=True)  # reachable, and the bucket exists
+
+    address = args.address or next(iter(jobs.values())).address
+    started = cluster.connect(address)
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    try:
+        return _run_fleet(args, fleet, jobs, root)
+    finally:
+        removed = cluster.shutdown(delete_spilled=started and local) if started else []
+        if removed:
+            logger.info("removed Ray's spilled objects: %s", ", ".join(removed))
+
+
+def _run_fleet(args: argparse.Namespace, fleet, jobs: dict, root) -> int:
+    from rayq.driver import cluster
+    from rayq.fleet.claims import ClaimStore, new_owner_id, remove_expired_claims
+    from rayq.fleet.runner import FAILED, FleetRun, run_models, worker_request
+    from rayq.fleet.schedule import models_at_once
+    from rayq.fleet.table import FLEET_FILE, fleet_table, fleet_text, write_fleet_table
+
+    nodes = cluster.node_resources()
+    parallel = args.parallel or fleet.parallel or models_at_once(
+        [worker_request(job, nodes) for job in jobs.values()], nodes)
+
+    owner = new_owner_id()
+    claims = ClaimStore(root, owner, fleet.claim_ttl_s)
+    outcomes = run_models(jobs, FleetRun(claims, force=args.force, nodes=nodes), parallel)
+    table = fleet_table(outcomes, owner, time.time())
+    write_fleet_table(root, table)
+    removed = remove_expired_claims(root)
+    if removed:
+        logger.info("removed %d expired claim files: %s", len(removed), ", ".join(removed))
+
+    print(fleet_text(table))
+    failed = sum(outcome.status == FAILED for outcome in outcomes)
+    print(f"wrote {root.describe(FLEET_FILE)}: {len(outcomes) - failed} of {len(outcomes)} "
+          f"models done or skipped, {failed} failed")
+    return 1 if failed else 0
 
 
 def report(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`rayq`: compress a model, re-plan or report a finished run.
+"""`rayq`: compress a model or a fleet of models, re-plan or report a finished run.
 
 Exit codes: 0 success, 2 invalid input (the message names the value and the fix), 1 a run that
 failed, 130 interrupted.
@@ -102,6 +102,28 @@ def _report_parser(sub) -> None:
     p.set_defaults(handler=commands.report)
 
 
+def _zoo_parser(sub) -> None:
+    p = sub.add_parser("zoo", help="compress a fleet of models from one file",
+                       description="Compress every model of a fleet file on the Ray cluster, "
+                       "several at once, each into OUTPUT/NAME. A model whose finished run has "
+                       "the same fingerprint (weights, data, settings) is skipped; a model that "
+                       "fails is recorded and the others go on. Writes OUTPUT/fleet.parquet and "
+                       "prints the fleet table. Exit code 1 if any model failed.",
+                       epilog="example:\n  rayq zoo jobs/zoo.yaml\n  rayq zoo jobs/zoo.yaml "
+                       "--output s3://models/nightly --force\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("fleet", help="YAML fleet file with output, defaults and models")
+    p.add_argument("--output", help="output root, overriding the file's output: folder, "
+                   "file://PATH or s3://BUCKET/PREFIX")
+    p.add_argument("--force", action="store_true", help="compress every model again, even "
+                   "those whose inputs are unchanged")
+    p.add_argument("--parallel", type=int, help="models compressed at once (default: as many as "
+                   "the cluster's resources hold)")
+    p.add_argument("--address", help="Ray cluster address to join (default: RAY_ADDRESS, else a "
+                   "local Ray instance on 127.0.0.1)")
+    p.set_defaults(handler=commands.zoo)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="rayq", description="Post-training quantization of PyTorch "
                                    "models guided by per-layer sensitivity, on Ray.")
@@ -111,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
     _compress_parser(sub)
     _plan_parser(sub)
     _report_parser(sub)
+    _zoo_parser(sub)
     return root
 
 

@@ -84,7 +84,7 @@ def load_source(source: dict, trust_code: bool = True) -> LoadedModel:
     if kind == "huggingface":
         return _load_folder(source["path"], source)
     if kind == "package":
-        return _load_folder(str(_package_folder(source["package"])), source)
+        return _load_folder(str(package_folder(source["package"])), source)
     if kind == "python":
         if not trust_code:
             raise ModelError(f"this run's model comes from the Python factory {source['factory']!r}; "
@@ -94,7 +94,7 @@ def load_source(source: dict, trust_code: bool = True) -> LoadedModel:
     raise ModelError(f"unknown model source {source!r}")
 
 
-def _package_folder(package: str) -> Path:
+def package_folder(package: str) -> Path:
     module = importlib.import_module(package)
     for attribute in ("get_model_path", "model_path"):
         getter = getattr(module, attribute, None)

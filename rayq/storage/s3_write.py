@@ -56,6 +56,16 @@ def write_files(loc: Location, files: dict[str, bytes], manifest_path: str) -> N
         uploads.abort_failed(client)
 
 
+def put_file(loc: Location, path: str, data: bytes) -> None:
+    """Upload one file under `loc`, retried through transient failures like a run's files."""
+    client = s3_client()
+    uploads = _MultipartUploads(client)
+    try:
+        _upload(client, loc, path, data, uploads, retry.UPLOAD_RETRY)
+    finally:
+        uploads.abort_failed(client)
+
+
 def _uri(loc: Location, path: str) -> str:
     return f"{loc.uri.rstrip('/')}/{path}"
 
