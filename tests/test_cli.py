@@ -112,7 +112,7 @@ HELP_FLAGS = {
     "compress": ["--model", "--calibration", "--threshold", "--schemes", "--output", "--workers",
                  "--address", "--dry-run", "--overwrite"],
     "plan": ["--threshold", "--output", "--overwrite", "--trust-code"],
-    "report": ["location"],
+    "report": ["location", "--html", "--pictures"],
 }
 
 

@@ -10,6 +10,7 @@ import io
 import math
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
@@ -158,7 +159,22 @@ def thresholds_png(points: list[ThresholdPoint], title: str = "Size against erro
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
+    _ratio_axis(axes, measured)
     return png_bytes(figure)
+
+
+def _ratio_axis(axes, points: list[ThresholdPoint]) -> None:
+    """Add the compression ratio as a top axis: ratio = float MB / MB."""
+    with_ratio = [p for p in points if p.compression_ratio]
+    if not with_ratio:
+        return
+    float_mb = with_ratio[0].model_bytes * with_ratio[0].compression_ratio / 1e6
+
+    def to_ratio(mb):
+        return float_mb / np.maximum(mb, 1e-12)
+
+    top = axes.secondary_xaxis("top", functions=(to_ratio, to_ratio))
+    top.set_xlabel("compression ratio (x)")
 
 
 FLEET_COLUMNS = ("model", "compression_ratio", "relative_error")
