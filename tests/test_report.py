@@ -116,6 +116,13 @@ def test_axis_labels_thin_flat_names():
     assert all(label.text == FLAT_NAMES[label.position] for label in labels)
 
 
+def test_label_rows_stack_close_points():
+    from rayq.report.data import label_rows
+
+    assert label_rows([(100, 50), (104, 52), (300, 50), (106, 51)]) == [0, 1, 0, 2]
+    assert label_rows([(100, 50), (100, 200)]) == [0, 0]
+
+
 # The PNG pictures.
 
 @pytest.mark.parametrize("names", [BLOCK_NAMES, FLAT_NAMES, FLAT_NAMES[:12]],

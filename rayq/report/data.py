@@ -153,3 +153,23 @@ def merged_labels(points: list[ThresholdPoint]) -> dict[tuple[int, float | None]
     for point in points:
         labels.setdefault((point.model_bytes, point.relative_error), []).append(f"{point.threshold:g}")
     return {key: ", ".join(texts) for key, texts in labels.items()}
+
+
+def label_rows(anchors: list[tuple[float, float]], width: float = 45.0,
+               height: float = 11.0) -> list[int]:
+    """Return a text row for each label so that labels of nearby points do not overlap.
+
+    `anchors` are the labelled points in display units (pixels, y pointing down). A label goes
+    one row further down for every earlier label whose anchor lies within `width` to the side
+    and `height` above or below, so close points get stacked labels instead of overprinted ones.
+    """
+    rows: list[int] = []
+    for i, (x, y) in enumerate(anchors):
+        taken = {rows[j] for j in range(i)
+                 if abs(anchors[j][0] - x) < width
+                 and abs((anchors[j][1] + rows[j] * height) - y) < height * (1 + rows[j])}
+        row = 0
+        while row in taken:
+            row += 1
+        rows.append(row)
+    return rows

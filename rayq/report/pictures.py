@@ -24,6 +24,7 @@ from rayq.report.data import (
     SensitivityData,
     ThresholdPoint,
     axis_labels,
+    label_rows,
     merged_labels,
     qs_range,
     threshold_label,
@@ -146,9 +147,7 @@ def thresholds_png(points: list[ThresholdPoint], title: str = "Size against erro
     errors = [p.relative_error for p in measured]
     axes.plot(sizes, errors, color="#4c72b0", marker="o", markersize=5, linewidth=1.2,
               label="threshold ladder")
-    for (size_bytes, error), text in merged_labels(measured).items():
-        axes.annotate(text, (size_bytes / 1e6, error), textcoords="offset points", xytext=(6, 4),
-                      fontsize=7, color="#333333")
+    _label_points(axes, merged_labels(measured))
     for point in measured:
         if point.chosen:
             axes.scatter([point.model_bytes / 1e6], [point.relative_error], s=220, marker="*",
@@ -161,6 +160,18 @@ def thresholds_png(points: list[ThresholdPoint], title: str = "Size against erro
     axes.legend(fontsize="small")
     _ratio_axis(axes, measured)
     return png_bytes(figure)
+
+
+def _label_points(axes, labels: dict[tuple[int, float], str]) -> None:
+    """Write each point's thresholds beside it, stacking the labels of close points."""
+    positions = [(size_bytes / 1e6, error) for size_bytes, error in labels]
+    axes.autoscale_view()  # transData follows the plotted data only once the limits are set
+    # Points per pixel: offsets are in points, anchors come out of transData in pixels.
+    scale = 72 / axes.figure.dpi
+    anchors = [(x * scale, -y * scale) for x, y in axes.transData.transform(positions)]
+    for (position, text), row in zip(zip(positions, labels.values()), label_rows(anchors)):
+        axes.annotate(text, position, textcoords="offset points", xytext=(6, 4 - 11 * row),
+                      fontsize=7, color="#333333")
 
 
 def _ratio_axis(axes, points: list[ThresholdPoint]) -> None:

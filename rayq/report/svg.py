@@ -12,6 +12,7 @@ from html import escape
 from rayq.report.data import (
     SensitivityData,
     ThresholdPoint,
+    label_rows,
     merged_labels,
     qs_range,
     threshold_label,
@@ -122,10 +123,12 @@ def thresholds_svg(points: list[ThresholdPoint]) -> str:
     parts = [header, *_frame_axes(x_low, x_high, y_low, y_high)]
     line = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(place, measured))
     parts.append(f'<polyline class="ladder" points="{line}"/>')
-    for (size_bytes, error), text in merged_labels(measured).items():
-        x = _scale(size_bytes / 1e6, x_low, x_high, *x_range)
-        y = _scale(error, y_low, y_high, *y_range)
-        parts.append(f'<text class="point-label" x="{x + 7:.1f}" y="{y - 6:.1f}">{escape(text)}</text>')
+    labels = merged_labels(measured)
+    anchors = [(_scale(size_bytes / 1e6, x_low, x_high, *x_range), _scale(error, y_low, y_high, *y_range))
+               for size_bytes, error in labels]
+    for (x, y), text, row in zip(anchors, labels.values(), label_rows(anchors)):
+        parts.append(f'<text class="point-label" x="{x + 7:.1f}" y="{y - 6 + 11 * row:.1f}">'
+                     f'{escape(text)}</text>')
     for index, point in enumerate(points):
         if point.relative_error is None:
             continue
