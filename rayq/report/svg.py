@@ -21,7 +21,10 @@ from rayq.report.style import SCHEME_COLORS, scheme_color
 
 COLUMN = 14  # width of one layer's column before the page's script fits it to the window
 PLOT_HEIGHT = 320
-LEFT, TOP, RIGHT, BOTTOM = 70, 20, 20, 190
+LEFT, TOP, RIGHT = 70, 20, 20
+# Room below the plot for the rotated layer names: about 6 px per character at 10 px text,
+# capped so that a very long name is cut off (the tooltip shows it whole).
+_NAME_PX_PER_CHAR, _NAME_ROOM_RANGE = 6, (60, 420)
 
 
 def _log_y(value: float, low: float, high: float) -> float:
@@ -52,7 +55,9 @@ def sensitivity_svg(data: SensitivityData) -> str:
     low, high = qs_range(data)
     right_edge = LEFT + COLUMN * len(data.layers)
     width = right_edge + RIGHT
-    height = TOP + PLOT_HEIGHT + BOTTOM
+    longest = max((len(point.name) for point in data.layers), default=0)
+    height = TOP + PLOT_HEIGHT + min(max(_NAME_PX_PER_CHAR * longest + 16, _NAME_ROOM_RANGE[0]),
+                                     _NAME_ROOM_RANGE[1])
     name_y = TOP + PLOT_HEIGHT + 6
     parts = [(f'<svg id="sensitivity-chart" xmlns="http://www.w3.org/2000/svg" width="{width}" '
               f'height="{height}" role="img" aria-label="per-layer sensitivity">')]
