@@ -32,7 +32,7 @@ from rayq.report.data import (
 from rayq.report.style import SCHEME_COLORS, SCHEME_MARKERS, scheme_color
 
 DPI = 100
-# Past this many layers the figure stops growing and the axis labels are grouped or thinned.
+# The figure is 0.22 inch wide per layer, within 8 to 16 inches.
 _WIDTH_PER_LAYER_IN = 0.22
 _WIDTH_RANGE_IN = (8.0, 16.0)
 
@@ -104,7 +104,11 @@ def _draw_scheme(axes, data: SensitivityData, scheme: str, low: float, high: flo
         value = point.qs.get(scheme)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
-        y = low if value <= 0 else high if math.isinf(value) else value
+        y = value
+        if value <= 0:
+            y = low
+        elif math.isinf(value):
+            y = high
         xs.append(i)
         ys.append(y)
         if point.scheme == scheme:
@@ -199,7 +203,7 @@ def fleet_png(models: pa.Table, title: str = "Fleet: compression against error")
     """
     missing = [name for name in FLEET_COLUMNS if name not in models.column_names]
     if missing:
-        raise DataError(f"the fleet table lacks the columns {', '.join(missing)}; it needs "
+        raise DataError(f"the fleet table is missing the columns {', '.join(missing)}; it needs "
                         f"{', '.join(FLEET_COLUMNS)}, one row per model")
     rows = models.select(list(FLEET_COLUMNS)).to_pylist()
     drawn = [r for r in rows if r["relative_error"] is not None and r["compression_ratio"]]
