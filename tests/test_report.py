@@ -148,6 +148,13 @@ def test_threshold_zero_sits_on_bottom_edge():
     assert "threshold 0 (bottom edge)" in report_html(*tables)
 
 
+def test_pictures_of_model_without_layers():
+    files = picture_files(*synthetic_tables([]))
+    width, height = png_size(files[SENSITIVITY_PNG])
+    assert width > 300 and height > 200
+    assert "0 quantizable layers" in files[REPORT_HTML].decode()
+
+
 def test_thresholds_png_is_valid():
     from rayq.report.data import threshold_points
 

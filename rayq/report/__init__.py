@@ -1,6 +1,8 @@
 """A run's pictures: `sensitivity.png` and `thresholds.png` (matplotlib) and `report.html`.
 
 The numerics never import this package; it only reads the three tables a run already has.
+`rayq.report.pictures.fleet_png` draws one point per model from a table with one row per model,
+for a fleet report.
 """
 
 from __future__ import annotations

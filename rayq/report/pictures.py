@@ -61,7 +61,8 @@ def sensitivity_png(data: SensitivityData, title: str = "Per-layer sensitivity")
     low, high = qs_range(data)
     axes.set_yscale("log")
     axes.set_ylim(low, high)
-    axes.set_xlim(-0.5, count - 0.5)
+    # A model without quantizable layers still gets a (blank) axis one layer wide.
+    axes.set_xlim(-0.5, max(count, 1) - 0.5)
 
     _draw_plan_bands(axes, data)
     for scheme in data.schemes:
