@@ -131,7 +131,7 @@ HELP_FLAGS = {
     "compress": ["--model", "--calibration", "--threshold", "--schemes", "--output", "--workers",
                  "--address", "--dry-run", "--overwrite"],
     "plan": ["--threshold", "--output", "--overwrite", "--trust-code"],
-    "report": ["location"],
+    "report": ["location", "--html", "--pictures"],
 }
 
 
@@ -192,7 +192,8 @@ def test_compress_subprocess_writes_run(finished_run):
     assert process.returncode == 0, process.stderr
     assert "Traceback" not in process.stderr
     for path in ("manifest.json", "model/model.safetensors", "model/quant_config.json",
-                 "sensitivity.parquet", "plan.parquet", "thresholds.parquet", "summary.txt"):
+                 "sensitivity.parquet", "plan.parquet", "thresholds.parquet", "summary.txt",
+                 "sensitivity.png", "thresholds.png", "report.html"):
         assert os.path.isfile(os.path.join(output, path)), path
     assert "Threshold guidance" in process.stdout
     assert "<- chosen" in process.stdout
@@ -277,6 +278,12 @@ def test_plan_subprocess_replans_at_zero(finished_run, workspace, tmp_path):
     assert chosen[0]["threshold"] == 0.0
     assert chosen[0]["cosine_min"] > 0.99999
     assert (output / "manifest.json").read_bytes() == before
+    # New pictures for the new plan, listed in the new manifest.
+    for name in ("sensitivity.png", "thresholds.png", "report.html"):
+        assert (new / name).read_bytes() != (output / name).read_bytes(), name
+        assert name in read_manifest(new)["files"], name
+    assert "Chosen threshold: <b>0</b>" in (new / "report.html").read_text()
+    assert "Chosen threshold: <b>0.01</b>" in (output / "report.html").read_text()
 
 
 def test_plan_narrows_schemes(finished_run, workspace, tmp_path):

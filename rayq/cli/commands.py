@@ -9,7 +9,7 @@ import time
 
 from rayq.cli.jobs import build_job, read_job_file
 from rayq.config import JobConfig
-from rayq.errors import ConfigError, DataError
+from rayq.errors import ConfigError, DataError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +196,59 @@ def _run_fleet(args: argparse.Namespace, fleet, jobs: dict, root) -> int:
 def report(args: argparse.Namespace) -> int:
     from rayq.storage.run import open_run
 
+    if args.pictures:
+        _require_matplotlib()
     run = open_run(args.location)
     run.verify()
     print(run.read("summary.txt").decode(), end="")
     origin = (f"re-planned from {run.manifest['parent']}" if run.manifest.get("parent")
               else _count(len(run.manifest["workers"]), "worker"))
     print(f"run: {run.location.uri} (rayq {run.manifest['versions'].get('rayq', '?')}, {origin})")
+    if args.html:
+        _write_page(run, args.html)
+    if args.pictures:
+        _write_pictures(run, args.pictures)
     return 0
+
+
+def _write_local_file(path: str, data: bytes) -> None:
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc}. Choose a local path you can write "
+                           "to.") from None
+
+
+def _write_page(run, path: str) -> None:
+    """Write the page from the stored tables, so runs written before pages existed get one too."""
+    from rayq.report import report_html, run_title
+
+    page = report_html(run.table("sensitivity"), run.table("plan"), run.table("thresholds"),
+                       title=run_title(run.manifest.get("source")))
+    _write_local_file(path, page.encode())
+    print(f"wrote {path}")
+
+
+def _require_matplotlib() -> None:
+    from rayq.report import INSTALL_MATPLOTLIB
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError("--pictures needs matplotlib, which is not installed; "
+                          f"{INSTALL_MATPLOTLIB}") from None
+
+
+def _write_pictures(run, folder: str) -> None:
+    from rayq.report import png_files
+
+    pictures = png_files(run.table("sensitivity"), run.table("plan"), run.table("thresholds"))
+    for name, data in pictures.items():
+        path = os.path.join(folder, name)
+        _write_local_file(path, data)
+        print(f"wrote {path}")
 
 
 def plan(args: argparse.Namespace) -> int:

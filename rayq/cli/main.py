@@ -94,11 +94,18 @@ def _plan_parser(sub) -> None:
 
 
 def _report_parser(sub) -> None:
-    p = sub.add_parser("report", help="print a finished run's tables",
+    p = sub.add_parser("report", help="print a finished run's tables, write its page",
                        description="Verify a finished run's checksums and print its threshold "
-                       "guidance and plan.", epilog="example:\n  rayq report runs/minilm\n",
+                       "guidance and plan; optionally write its HTML page or PNG pictures.",
+                       epilog="example:\n  rayq report runs/minilm\n"
+                       "  rayq report s3://bucket/runs/minilm --html minilm.html\n"
+                       "  rayq report runs/minilm --pictures pictures/\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("location", help="a finished run: folder, file://PATH or s3://BUCKET/PREFIX")
+    p.add_argument("--html", metavar="FILE", help="write the run's self-contained report page "
+                   "(charts and tables, no network needed to view it) to this local file")
+    p.add_argument("--pictures", metavar="FOLDER", help="draw sensitivity.png and thresholds.png "
+                   "into this local folder (needs matplotlib)")
     p.set_defaults(handler=commands.report)
 
 

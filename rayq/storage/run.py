@@ -1,4 +1,4 @@
-"""A run on storage: model, tables, summary and manifest, written safely, with the manifest last.
+"""A run on storage: model, tables, pictures, summary and manifest, written safely, manifest last.
 
 A local run is written into a hidden staging folder beside the target and renamed into place, so
 a location never contains files of two runs and an interrupted write leaves nothing behind. On S3,
@@ -37,6 +37,7 @@ from torch import nn
 
 from rayq.engine.summary import summary_text
 from rayq.errors import StorageError
+from rayq.report import picture_files, run_title
 from rayq.storage import model_io, s3_write
 from rayq.storage.location import Location, parse_location
 from rayq.storage.retry import StorageWriteFailed
@@ -69,7 +70,11 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def run_files(result, source: dict | None) -> dict[str, bytes]:
-    """Return every file of a run except the manifest, as bytes keyed by relative path."""
+    """Return every file of a run except the manifest, as bytes keyed by relative path.
+
+    The pictures come from the tables alone; without matplotlib the PNGs are left out (with a
+    WARNING) and the tables and `report.html` are still written.
+    """
     files = {}
     with tempfile.TemporaryDirectory() as folder:
         model_io.save_model(result.model, folder, result.folded, source)
@@ -79,6 +84,8 @@ def run_files(result, source: dict | None) -> dict[str, bytes]:
     for name in TABLES:
         files[f"{name}.parquet"] = _parquet_bytes(getattr(result, name))
     files["summary.txt"] = summary_text(result.thresholds, result.plan).encode()
+    files.update(picture_files(result.sensitivity, result.plan, result.thresholds,
+                               run_title(source)))
     return files
 
 
