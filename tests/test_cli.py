@@ -130,8 +130,9 @@ def assert_nothing_written(output) -> None:
 HELP_FLAGS = {
     "compress": ["--model", "--calibration", "--threshold", "--schemes", "--output", "--workers",
                  "--address", "--dry-run", "--overwrite"],
-    "plan": ["--threshold", "--output", "--overwrite", "--trust-code"],
+    "plan": ["--threshold", "--schemes", "--output", "--overwrite", "--trust-code"],
     "report": ["location", "--html", "--pictures"],
+    "zoo": ["fleet", "--output", "--force", "--parallel", "--address"],
 }
 
 
