@@ -109,13 +109,19 @@ def _package_folder(package: str) -> Path:
 def _load_folder(path: str, source: dict) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    causal = _is_causal_lm(path)
+    # A causal LM keeps its output head (lm_head), which is one of its largest layers.
+    loader = AutoModelForCausalLM if causal else AutoModel
     try:
-        transformer = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        transformer = loader.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the Hugging Face model in {path!r}: {exc}") from None
+    tokenizer = _load_tokenizer(AutoTokenizer, path, required=not causal)
+    if causal:
+        # The key/value cache serves generation; calibration passes only cost memory with it.
+        transformer.config.use_cache = False
     transformer.eval()
     modules = Path(path) / "modules.json"
     if modules.is_file():
@@ -124,6 +130,27 @@ def _load_folder(path: str, source: dict) -> LoadedModel:
             normalize = any(k.endswith("Normalize") for k in kinds)
             return LoadedModel(SentenceEmbedder(transformer, normalize).eval(), tokenizer, source)
     return LoadedModel(transformer, tokenizer, source)
+
+
+def _is_causal_lm(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json")) as handle:
+            architectures = json.load(handle).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(name.endswith("ForCausalLM") for name in architectures)
+
+
+def _load_tokenizer(auto_tokenizer, path: str, required: bool):
+    """Load the folder's tokenizer; a causal LM folder without one (weights only) gets None."""
+    try:
+        return auto_tokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        if required:
+            raise ModelError(f"cannot load the tokenizer of the Hugging Face model in {path!r}: "
+                             f"{exc}") from None
+        logger.info("no tokenizer in %s; calibration data must be token ids", path)
+        return None
 
 
 def _load_factory(source: dict) -> LoadedModel:
