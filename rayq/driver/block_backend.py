@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -21,6 +22,8 @@ from rayq.errors import RayqError, RunFailedError
 from rayq.sources.decoder import Block
 
 logger = logging.getLogger(__name__)
+
+MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 class LocalBlockBackend:
@@ -68,8 +71,14 @@ class RayBlockBackend:
         self.folder = folder
         self.settings = settings
         self.max_restarts = max_restarts
-        self.actor_class = ray.remote(num_cpus=self.request.cpus,
-                                      num_gpus=self.request.gpus)(BlockWorker)
+        # glibc raises its mmap threshold each time a large chunk is freed, up to 32 MiB, so
+        # later tensors of a few MiB come from the heap, where the freed temporaries of
+        # quantization leave holes: a worker's peak then rose by up to a block's size above the
+        # live tensors. A fixed threshold keeps every chunk of 1 MiB or more in its own mapping,
+        # returned to the system when freed, at the cost of fresh pages for each temporary.
+        env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}
+        self.actor_class = ray.remote(num_cpus=self.request.cpus, num_gpus=self.request.gpus,
+                                      runtime_env={"env_vars": env})(BlockWorker)
         self.slots = [self._start(slot, 0) for slot in range(workers)]
         self.restarts = [0] * workers
         self.batch_counts = [0] * workers

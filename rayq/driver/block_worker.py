@@ -8,6 +8,7 @@ next block's inputs. Every result carries the worker's peak resident memory duri
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -100,6 +101,10 @@ class BlockWorker:
         if self.loaded is not None:
             self.decoder.release(self.loaded)
             self.loaded = None
+        # Tensors caught in reference cycles (parametrizations, hooks) would otherwise stay
+        # until a later collection, possibly after the next block has loaded.
+        gc.collect()
+        memory.trim_heap()
 
     def score(self, block: Block, state: BlockState) -> tuple[dict, BlockState | None]:
         """Score a share of the batches through `block`; return (report, the block's outputs)."""

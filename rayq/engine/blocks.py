@@ -21,7 +21,8 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
