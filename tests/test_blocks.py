@@ -169,3 +169,34 @@ def test_llama_1gb_quarter_cap_two_workers(ray_local, tmp_path_factory, tmp_path
                                    module.parametrizations.weight[0].layout,
                                    SCHEMES[decision.scheme].weights, search=False).dequantize()
         assert torch.equal(module.weight, expected), decision.layer
+
+
+@pytest.mark.slow
+def test_cli_scores_large_model_in_blocks(tiny_llama, tmp_path):
+    from conftest import run_cli
+    from safetensors.torch import save_file
+
+    calibration = tmp_path / "tokens.safetensors"
+    save_file({"input_ids": torch.randint(0, 512, (6, 12), generator=torch.Generator().manual_seed(2))},
+              str(calibration))
+    completed = run_cli("compress", "--model", tiny_llama["path"], "--calibration", str(calibration),
+                        "--output", str(tmp_path / "run"), "--batch-size", "2",
+                        "--weight-cap-bytes", "3000000")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "scoring block by block" in completed.stderr
+    assert "no held-out error measured" in completed.stdout
+    config = json.loads((tmp_path / "run" / "model" / "quant_config.json").read_text())
+    assert len(config["weight_files"]) == 4
+    assert config["source"] == tiny_llama
+    model = rayq.load(str(tmp_path / "run"))
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_cli_rejects_invalid_weight_cap(tiny_llama, tmp_path):
+    from conftest import run_cli
+
+    completed = run_cli("compress", "--model", tiny_llama["path"], "--calibration", "pydoc:topics",
+                        "--output", str(tmp_path / "run"), "--weight-cap-bytes", "0")
+    assert completed.returncode == 2
+    assert "weight_cap_bytes" in completed.stderr
+    assert "Traceback" not in completed.stderr

@@ -20,8 +20,8 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa

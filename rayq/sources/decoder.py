@@ -14,6 +14,7 @@ with `embed_tokens`, `layers`, `norm` and `rotary_emb`, and an `lm_head` beside 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -55,6 +56,16 @@ class Block:
         first, last = self.modules[0], self.modules[-1]
         span = first if first == last else f"{first} .. {last}"
         return f"block {self.index} ({self.kind}: {span}, {self.weight_bytes / 1e6:.1f} MB)"
+
+
+def is_decoder_folder(folder: str) -> bool:
+    """Whether a model folder's config names a causal LM, which blocks can split."""
+    try:
+        with open(os.path.join(folder, "config.json")) as handle:
+            architectures = json.load(handle).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(name.endswith("ForCausalLM") for name in architectures)
 
 
 class BlockCapture(Exception):

@@ -94,6 +94,23 @@ def load_source(source: dict, trust_code: bool = True) -> LoadedModel:
     raise ModelError(f"unknown model source {source!r}")
 
 
+def model_folder(source: dict) -> str | None:
+    """The Hugging Face model folder of a source, or None for a Python factory."""
+    if source.get("kind") == "huggingface":
+        return source["path"]
+    if source.get("kind") == "package":
+        return str(_package_folder(source["package"]))
+    return None
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a model folder, or None when the folder has none."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return _load_tokenizer(AutoTokenizer, path, required=False)
+
+
 def _package_folder(package: str) -> Path:
     module = importlib.import_module(package)
     for attribute in ("get_model_path", "model_path"):
@@ -111,7 +128,9 @@ def _load_folder(path: str, source: dict) -> LoadedModel:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    causal = _is_causal_lm(path)
+    from rayq.sources.decoder import is_decoder_folder
+
+    causal = is_decoder_folder(path)
     # A causal LM keeps its output head (lm_head), which is one of its largest layers.
     loader = AutoModelForCausalLM if causal else AutoModel
     try:
@@ -130,15 +149,6 @@ def _load_folder(path: str, source: dict) -> LoadedModel:
             normalize = any(k.endswith("Normalize") for k in kinds)
             return LoadedModel(SentenceEmbedder(transformer, normalize).eval(), tokenizer, source)
     return LoadedModel(transformer, tokenizer, source)
-
-
-def _is_causal_lm(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "config.json")) as handle:
-            architectures = json.load(handle).get("architectures") or []
-    except (OSError, ValueError):
-        return False
-    return any(name.endswith("ForCausalLM") for name in architectures)
 
 
 def _load_tokenizer(auto_tokenizer, path: str, required: bool):
