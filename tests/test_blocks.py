@@ -133,8 +133,8 @@ def test_llama_1gb_quarter_cap_two_workers(ray_local, tmp_path_factory, tmp_path
     cap = weight_bytes // 4
     batches = token_batches(4, 2, 16, 8192)
 
-    # Without the clipping search, quantizing takes a few seconds instead of about a minute on
-    # 2 cores; the memory estimate of each block still counts the search's temporaries.
+    # Without the clipping search, quantizing takes seconds instead of about a minute on 2 cores.
+    # The memory estimate of each block still counts the search's temporaries.
     result = rayq.compress_blocks(source["path"], batches, workers=2, worker_cpus=1,
                                   weight_cap_bytes=cap, clip_search=False)
     assert len(result.blocks) >= 6

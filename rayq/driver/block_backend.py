@@ -3,7 +3,7 @@
 Every block is one round: the shares of the calibration batches go to the actors, each actor
 runs its share through the block and returns the QS sums and the block's outputs. The outputs
 stay in Ray's object store (which spills them to local disk when it fills) and become the next
-round's inputs, so the driver never holds hidden states. An actor that dies is replaced and its
+round's inputs, so hidden states never pass through the driver. An actor that dies is replaced and its
 share is run again from the same stored inputs.
 """
 
@@ -72,9 +72,9 @@ class RayBlockBackend:
         self.settings = settings
         self.max_restarts = max_restarts
         # glibc raises its mmap threshold each time a large chunk is freed, up to 32 MiB, so
-        # later tensors of a few MiB come from the heap, where the freed temporaries of
-        # quantization leave holes: a worker's peak then rose by up to a block's size above the
-        # live tensors. A fixed threshold keeps every chunk of 1 MiB or more in its own mapping,
+        # later tensors of a few MiB come from the heap. The freed temporaries of quantization
+        # leave holes there, and a worker's peak rose by up to a block's size above the live
+        # tensors in the block-by-block test. A fixed threshold keeps every chunk of 1 MiB or more in its own mapping,
         # returned to the system when freed, at the cost of fresh pages for each temporary.
         env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}
         self.actor_class = ray.remote(num_cpus=self.request.cpus, num_gpus=self.request.gpus,

@@ -8,7 +8,6 @@ next block's inputs. Every result carries the worker's peak resident memory duri
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
@@ -57,7 +56,11 @@ def _all_tensors(value: Any):
 
 
 class BlockWorker:
-    """Scores and quantizes a decoder model one block at a time; results are CPU-only values."""
+    """Scores and quantizes a decoder model one block at a time; results are CPU-only values.
+
+    TODO: blocks run on the CPU even in an actor that holds a GPU; the block's weights, its
+    scoring bank and its inputs are not moved to the GPU yet.
+    """
 
     def __init__(self, slot: int, attempt: int, folder: str, settings: dict, threads: int):
         torch.set_num_threads(max(1, threads))
@@ -68,7 +71,7 @@ class BlockWorker:
         self.decoder = DecoderModel(folder)
         self.loaded: Block | None = None
         self.bank: WeightBank | None = None
-        # Everything this process holds before any weight loads: the interpreter, torch,
+        # Resident memory before any weight loads: the interpreter, torch,
         # transformers, Ray's worker runtime and the meta-device skeleton.
         self.baseline_rss_bytes = memory.rss_bytes()
 
@@ -101,9 +104,6 @@ class BlockWorker:
         if self.loaded is not None:
             self.decoder.release(self.loaded)
             self.loaded = None
-        # Tensors caught in reference cycles (parametrizations, hooks) would otherwise stay
-        # until a later collection, possibly after the next block has loaded.
-        gc.collect()
         memory.trim_heap()
 
     def score(self, block: Block, state: BlockState) -> tuple[dict, BlockState | None]:

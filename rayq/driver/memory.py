@@ -7,7 +7,7 @@ import ctypes.util
 import os
 import resource
 
-# Default weight cap as a fraction of a worker's memory. On a GPU the rest holds activations,
+# Default weight cap as a fraction of a worker's memory. On a GPU the rest is for activations,
 # the quantized codes of the scoring bank and the allocator's slack. On a CPU worker the node's
 # memory is shared with the object store and the other workers on the node.
 GPU_FRACTION = 0.5
@@ -66,7 +66,7 @@ def trim_heap() -> None:
 
 
 def device_memory_bytes() -> tuple[str, int]:
-    """The device this process computes on and its memory: the first GPU, else the node's RAM."""
+    """Return the device this process computes on and its memory: the first GPU, else the RAM."""
     import torch
 
     if torch.cuda.is_available():
@@ -75,6 +75,6 @@ def device_memory_bytes() -> tuple[str, int]:
 
 
 def default_weight_cap_bytes() -> int:
-    """The weight cap a worker takes when the job sets none: a fraction of its device memory."""
+    """Return the weight cap of a worker whose job sets none: a fraction of its device memory."""
     device, total = device_memory_bytes()
     return int(total * (GPU_FRACTION if device == "cuda" else CPU_FRACTION))

@@ -1,6 +1,6 @@
 """`rayq.compress_blocks`: compress a decoder model larger than one worker, block by block.
 
-No process holds the whole model. The driver builds the model's skeleton on the meta device and
+No process loads the whole model. The driver builds the model's skeleton on the meta device and
 splits it into blocks that fit the weight cap (rayq.sources.decoder). Each block is one round on
 the workers: they load its weights, score their share of the batches through it and keep its
 outputs as the next round's inputs. The per-batch QS sums are the same float64 values that

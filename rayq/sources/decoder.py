@@ -1,6 +1,6 @@
 """A Hugging Face decoder model split into blocks whose weights load one block at a time.
 
-The model is built on the meta device, so its skeleton holds no weight memory. A block is the
+The model is built on the meta device, so its skeleton takes no memory for weights. A block is the
 token embedding, a run of consecutive decoder layers, or the final norm with the output head
 (`lm_head`). `materialize` reads one block's tensors from the checkpoint into the skeleton and
 `release` puts them back on the meta device, so a process holds one block's weights at a time.
@@ -59,7 +59,7 @@ class Block:
 
 
 def is_decoder_folder(folder: str) -> bool:
-    """Whether a model folder's config names a causal LM, which blocks can split."""
+    """Return whether a model folder's config names a causal LM, which blocks can split."""
     try:
         with open(os.path.join(folder, "config.json")) as handle:
             architectures = json.load(handle).get("architectures") or []
@@ -127,15 +127,9 @@ class DecoderModel:
 
     def plan_blocks(self, cap_bytes: int, schemes: list[str]) -> list[Block]:
         """Split the model into blocks whose resident bytes fit `cap_bytes`."""
-        head = (f"{self.base_name}.norm", "lm_head")
-        units: list[tuple[BlockKind, tuple[str, ...]]] = [
-            ("embedding", (f"{self.base_name}.embed_tokens",))]
-        units += [("layers", (name,)) for name in self.layer_names()]
-        units.append(("head", head))
-
         blocks: list[Block] = []
         pending: list[str] = []
-        for kind, modules in units:
+        for kind, modules in self._units():
             needed = self._resident_bytes(modules, schemes)
             if needed > cap_bytes:
                 raise ModelError(
@@ -150,6 +144,18 @@ class DecoderModel:
                 self._close(blocks, pending, schemes)
             pending.extend(modules)
         return blocks
+
+    def _units(self) -> list[tuple[BlockKind, tuple[str, ...]]]:
+        """Return the smallest blocks: the embedding, each decoder layer, the norm with the head."""
+        units: list[tuple[BlockKind, tuple[str, ...]]] = [
+            ("embedding", (f"{self.base_name}.embed_tokens",))]
+        units += [("layers", (name,)) for name in self.layer_names()]
+        units.append(("head", (f"{self.base_name}.norm", "lm_head")))
+        return units
+
+    def smallest_cap_bytes(self, schemes: list[str]) -> int:
+        """Return the smallest weight cap that fits every block of one layer or one end module."""
+        return max(self._resident_bytes(modules, schemes) for _, modules in self._units())
 
     def _close(self, blocks: list[Block], pending: list[str], schemes: list[str]) -> None:
         if pending:
@@ -192,7 +198,7 @@ class DecoderModel:
         return names
 
     def block_layers(self, modules: tuple[str, ...] | list[str]) -> list[LayerSpec]:
-        """The quantizable layers inside `modules`, in model order."""
+        """Return the quantizable layers inside `modules`, in model order."""
         inside = tuple(modules)
         return [layer for layer in self.layers
                 if any(layer.name == m or layer.name.startswith(m + ".") for m in inside)]
