@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from rayq import progress
-from rayq.config import ExecutionSettings, QuantizationSettings, quantization_settings
+from rayq.config import (ExecutionSettings, QuantizationSettings, execution_settings,
+                         quantization_settings)
 from rayq.engine import build, tables, thresholds
 from rayq.engine.evaluate import Fidelity, measure, reference_outputs
 from rayq.errors import DataError, ModelError
@@ -253,7 +254,7 @@ def _ray_backend_factory(model: nn.Module, source: dict | None, workers: int, ad
     from rayq.driver.backend import RayBackend
 
     fault = execution.pop("fault", None)  # testing hook, see rayq.driver.worker
-    settings = ExecutionSettings(workers=workers, address=address, **execution)
+    settings = execution_settings(workers=workers, address=address, **execution)
     cluster.connect(address)
     payload = {"source": source} if source else {"module": model}
 

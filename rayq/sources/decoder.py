@@ -112,8 +112,9 @@ class DecoderModel:
             # NOTE: a tied embedding and head would need the head's block to share the
             # embedding's quantized weight, which block-by-block building does not do yet.
             raise ModelError(f"the model in {folder!r} ties its embedding and output head "
-                             "(tie_word_embeddings=true); block-by-block scoring supports untied "
-                             "models only. Raise weight_cap_bytes to score it whole.")
+                             "(tie_word_embeddings=true); block-by-block scoring supports "
+                             "untied models only. Score it whole with rayq.compress, or give "
+                             "`rayq compress` a --weight-cap-bytes above its size.")
         # The rotary tables are computed, not stored, so this small module is built for real.
         self.base.rotary_emb = type(self.base.rotary_emb)(config=config).eval()
         self.layers, self.kept = find_layers(self.model)
