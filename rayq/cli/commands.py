@@ -93,10 +93,10 @@ def run_job(job: JobConfig, dry_run: bool = False) -> int:
 
 
 def _block_folder(job: JobConfig) -> str | None:
-    """The model folder when the model is a causal LM whose weights exceed the weight cap.
+    """Return the model folder when the model is a causal LM whose weights exceed the cap.
 
     Without --weight-cap-bytes, the cap is the default of this machine (see
-    rayq.driver.memory); the workers' machines may have more or less memory.
+    rayq.driver.memory), although the workers' machines may have more or less memory.
     """
     from rayq.driver.memory import default_weight_cap_bytes
     from rayq.sources.decoder import is_decoder_folder

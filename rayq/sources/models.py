@@ -95,7 +95,7 @@ def load_source(source: dict, trust_code: bool = True) -> LoadedModel:
 
 
 def model_folder(source: dict) -> str | None:
-    """The Hugging Face model folder of a source, or None for a Python factory."""
+    """Return the Hugging Face model folder of a source, or None for a Python factory."""
     if source.get("kind") == "huggingface":
         return source["path"]
     if source.get("kind") == "package":
@@ -104,7 +104,7 @@ def model_folder(source: dict) -> str | None:
 
 
 def load_tokenizer(path: str):
-    """The tokenizer of a model folder, or None when the folder has none."""
+    """Load the tokenizer of a model folder; return None when the folder has none."""
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -33,5 +33,5 @@ def sha256_of(data: bytes | LocalFile) -> str:
 
 
 def open_data(data: bytes | LocalFile) -> BinaryIO:
-    """A readable binary stream of the file's content."""
+    """Open a readable binary stream of the file's content."""
     return open(data.path, "rb") if isinstance(data, LocalFile) else io.BytesIO(data)

@@ -87,7 +87,7 @@ def run_files(result, source: dict | None) -> dict[str, bytes]:
 
 
 def _streamed_model_files(folder: str, source: dict | None) -> dict[str, bytes | LocalFile]:
-    """The model files a block-by-block build wrote to disk, with the source recorded."""
+    """Collect the model files a block-by-block build wrote to disk, recording the source."""
     with open(os.path.join(folder, model_io.CONFIG_FILE)) as handle:
         config = json.load(handle)
     config["source"] = source
