@@ -2,10 +2,10 @@
 
 A safetensors file is an 8-byte little-endian header length, a JSON header with each tensor's
 dtype, shape and byte range, then the data. Tensors are read with plain file reads into new
-tensors, so a worker's resident memory grows by exactly the tensors it reads. Reading through
-`safetensors.safe_open` (0.8.0) maps the file instead, and in the block-by-block test the mapped
-pages stayed resident beside the tensors, which made a worker's peak about twice the block's
-weights.
+tensors in anonymous memory, so a worker's resident memory grows by the tensors it reads and
+drops when it frees them. `safetensors.safe_open` (0.8.0) would return tensors backed by a
+mapping of the file instead, whose pages stay resident for as long as any tensor of that mapping
+lives.
 """
 
 from __future__ import annotations
