@@ -200,3 +200,15 @@ def test_cli_rejects_invalid_weight_cap(tiny_llama, tmp_path):
     assert completed.returncode == 2
     assert "weight_cap_bytes" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_cli_dry_run_lists_blocks(tiny_llama, tmp_path):
+    from conftest import run_cli
+
+    completed = run_cli("compress", "--model", tiny_llama["path"], "--calibration", "pydoc:topics",
+                        "--output", str(tmp_path / "run"), "--weight-cap-bytes", "3000000",
+                        "--dry-run")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "scored block by block" in completed.stdout
+    assert completed.stdout.count("block ") >= 4
+    assert not (tmp_path / "run").exists()

@@ -72,7 +72,9 @@ def run_job(job: JobConfig, dry_run: bool = False) -> int:
     check_placement(request, nodes)
 
     folder = _block_folder(job)
-    if folder is not None and not dry_run:
+    if folder is not None:
+        if dry_run:
+            return _dry_run_blocks(job, folder)
         return _run_blocks(job, folder, output, started)
     loaded, batches, evaluation = _load_inputs(job)
     if dry_run:
@@ -113,6 +115,25 @@ def _block_folder(job: JobConfig) -> str | None:
     logger.info("%.2f GB of weights exceed the weight cap of %.2f GB per worker; scoring block "
                 "by block", weights / 1e9, cap / 1e9)
     return folder
+
+
+def _dry_run_blocks(job: JobConfig, folder: str) -> int:
+    """Print the blocks a block-by-block run would score, without loading any weight."""
+    from rayq.driver.memory import default_weight_cap_bytes
+    from rayq.engine.blocks import check_block_settings
+    from rayq.sources.decoder import DecoderModel
+
+    quantization = job.quantization()
+    check_block_settings(quantization)
+    cap = job.weight_cap_bytes or default_weight_cap_bytes()
+    decoder = DecoderModel(folder)
+    blocks = decoder.plan_blocks(cap, quantization.schemes)
+    print(f"job is valid: {decoder.weight_bytes / 1e9:.2f} GB of weights, scored block by block "
+          f"under a weight cap of {cap / 1e9:.2f} GB per worker")
+    for block in blocks:
+        print(f"  {block.describe()}, about {block.resident_bytes / 1e9:.2f} GB resident")
+    print("dry run: stopped before scoring; nothing was written")
+    return 0
 
 
 def _run_blocks(job: JobConfig, folder: str, output, started: float) -> int:
