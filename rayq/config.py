@@ -99,6 +99,11 @@ class ExecutionSettings(BaseModel):
         None, ge=0, description="GPUs per worker. Default: 1 where the cluster has GPUs, else 0.")
     max_restarts: int = Field(2, ge=0, description="Times each worker may be replaced after it "
                               "dies before the run fails. Default 2.")
+    weight_cap_bytes: int | None = Field(
+        None, gt=0, strict=True, description="Bytes of model weights one worker may hold. A "
+        "Hugging Face decoder model whose weights exceed it is scored and built block by block, "
+        "one group of consecutive decoder layers at a time. Default: half the memory of the "
+        "worker's GPU, or a quarter of the worker node's memory on CPU workers.")
 
 
 class JobConfig(QuantizationSettings, ExecutionSettings):
@@ -232,6 +237,13 @@ def load_fleet(data: dict, source: str) -> FleetConfig:
         raise format_validation_error(exc, source) from None
 
 
+def execution_settings(**values) -> ExecutionSettings:
+    try:
+        return ExecutionSettings(**values)
+    except ValidationError as exc:
+        raise format_validation_error(exc, "compress() arguments") from None
+
+
 def quantization_settings(**values) -> QuantizationSettings:
     try:
         return QuantizationSettings(**values)
@@ -239,5 +251,6 @@ def quantization_settings(**values) -> QuantizationSettings:
         raise format_validation_error(exc, "compress() arguments") from None
 
 
-__all__ = ["EXECUTION_ONLY", "FLOAT", "ExecutionSettings", "FleetConfig", "FleetEntry", "JobConfig", "PinSetting", "QuantizationSettings", "format_validation_error",
+__all__ = ["EXECUTION_ONLY", "FLOAT", "ExecutionSettings", "FleetConfig", "FleetEntry", "JobConfig",
+           "PinSetting", "QuantizationSettings", "execution_settings", "format_validation_error",
            "load_fleet", "quantization_settings"]

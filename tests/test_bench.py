@@ -14,7 +14,9 @@ pytestmark = pytest.mark.slow
 
 FIGURES = {"qs_cost_ratio_synthetic", "qs_extra_scheme_ratio_synthetic", "float_pass_s_synthetic",
            "naive_speedup", "naive_speedup_target", "naive_rank_correlation", "replan_fraction",
-           "size_ratio_error", "scaling_2_workers", "ray_overhead_s"}
+           "size_ratio_error", "scaling_2_workers", "ray_overhead_s", "block_cost_ratio",
+           "block_peak_rss_bytes", "block_peak_rss_target_bytes", "block_weight_cap_bytes",
+           "block_count"}
 
 
 def test_bench_quick_writes_every_figure(tmp_path):

@@ -26,7 +26,7 @@ def _flag_values(args: argparse.Namespace) -> dict:
         "model", "model_weights", "calibration", "evaluation", "output", "threshold",
         "activation_method", "sensitivity_mode", "qs_normalization", "batch_size", "max_batches",
         "max_length", "workers", "address",
-        "worker_cpus", "worker_gpus", "max_restarts", "overwrite")}
+        "worker_cpus", "worker_gpus", "max_restarts", "weight_cap_bytes", "overwrite")}
     if args.schemes is not None:
         values["schemes"] = [s.strip() for s in args.schemes.split(",") if s.strip()]
     if args.pin:
@@ -73,6 +73,12 @@ def run_job(job: JobConfig, dry_run: bool = False) -> int:
                               job.worker_cpus, job.worker_gpus)
     check_placement(request, nodes)
 
+    folder = _block_folder(job)
+    if folder is not None:
+        if dry_run:
+            return _dry_run_blocks(job, folder)
+        return _run_blocks(job, folder, output, started)
+
     from rayq.engine.job import load_job_inputs
 
     loaded, batches, evaluation = load_job_inputs(job)
@@ -86,6 +92,68 @@ def run_job(job: JobConfig, dry_run: bool = False) -> int:
     result = compress_job(job, loaded, batches, evaluation)
     _write_and_print(result, job, output, loaded.source, started,
                      extra={"fingerprint": fingerprint})
+    return 0
+
+
+def _block_folder(job: JobConfig) -> str | None:
+    """Return the model folder when the model is a causal LM whose weights exceed the cap.
+
+    Without --weight-cap-bytes, the cap is the default of this machine (see
+    rayq.driver.memory), although the workers' machines may have more or less memory.
+    """
+    from rayq.driver.memory import default_weight_cap_bytes
+    from rayq.sources.decoder import is_decoder_folder
+    from rayq.sources.models import model_folder, parse_model_spec
+    from rayq.storage.tensors import checkpoint_index
+
+    folder = model_folder(parse_model_spec(job.model, job.model_weights))
+    if folder is None or not is_decoder_folder(folder):
+        return None
+    cap = job.weight_cap_bytes or default_weight_cap_bytes()
+    weights = sum(entry.nbytes for entry in checkpoint_index(folder).values())
+    if weights <= cap:
+        return None
+    logger.info("%.2f GB of weights exceed the weight cap of %.2f GB per worker; scoring block "
+                "by block", weights / 1e9, cap / 1e9)
+    return folder
+
+
+def _dry_run_blocks(job: JobConfig, folder: str) -> int:
+    """Print the blocks a block-by-block run would score, without loading any weight."""
+    from rayq.driver.memory import default_weight_cap_bytes
+    from rayq.engine.blocks import check_block_settings
+    from rayq.sources.decoder import DecoderModel
+
+    quantization = job.quantization()
+    check_block_settings(quantization)
+    cap = job.weight_cap_bytes or default_weight_cap_bytes()
+    decoder = DecoderModel(folder)
+    blocks = decoder.plan_blocks(cap, quantization.schemes)
+    print(f"job is valid: {decoder.weight_bytes / 1e9:.2f} GB of weights, scored block by block "
+          f"under a weight cap of {cap / 1e9:.2f} GB per worker")
+    for block in blocks:
+        print(f"  {block.describe()}, about {block.resident_bytes / 1e9:.2f} GB resident")
+    print("dry run: stopped before scoring; nothing was written")
+    return 0
+
+
+def _run_blocks(job: JobConfig, folder: str, output, started: float) -> int:
+    import rayq
+    from rayq.sources.data import load_batches
+    from rayq.sources.models import load_tokenizer, parse_model_spec
+
+    source = parse_model_spec(job.model, job.model_weights)
+    batches = load_batches(job.calibration, load_tokenizer(folder), job.batch_size,
+                           job.max_length, job.max_batches)
+    quantization = job.quantization()
+    result = rayq.compress_blocks(
+        folder, batches, workers=job.workers or 1, address=job.address,
+        weight_cap_bytes=job.weight_cap_bytes, worker_cpus=job.worker_cpus,
+        worker_gpus=job.worker_gpus, max_restarts=job.max_restarts,
+        **quantization.model_dump(exclude={"threshold", "schemes", "pins"}),
+        threshold=quantization.threshold, schemes=quantization.schemes,
+        pins=[p.model_dump() for p in quantization.pins])
+    _write_and_print(result, job, output, source, started)
     return 0
 
 
@@ -121,10 +189,13 @@ def _write_and_print(result, job: JobConfig, output, source: dict, started: floa
     logger.info("threshold guidance:\n%s", thresholds_text(result.thresholds))
     print(summary_text(result.thresholds, result.plan))
     chosen = [r for r in result.thresholds.to_pylist() if r["chosen"]][0]
-    kind = "in-sample" if result.in_sample else "held-out"
-    print(f"check: {kind} cosine similarity to the float model {chosen['cosine_mean']:.5f} "
-          f"(min {chosen['cosine_min']:.5f}), compression ratio {chosen['compression_ratio']:.2f}x "
-          f"({_size(chosen['model_bytes'])})")
+    ratio = f"compression ratio {chosen['compression_ratio']:.2f}x ({_size(chosen['model_bytes'])})"
+    if chosen["cosine_mean"] is None:
+        print(f"check: no held-out error measured (scored block by block), {ratio}")
+    else:
+        kind = "in-sample" if result.in_sample else "held-out"
+        print(f"check: {kind} cosine similarity to the float model {chosen['cosine_mean']:.5f} "
+              f"(min {chosen['cosine_min']:.5f}), {ratio}")
     print(f"wrote {output.uri} in {time.perf_counter() - started:.0f} s")
 
 

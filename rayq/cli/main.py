@@ -65,6 +65,9 @@ def _compress_parser(sub) -> None:
                    "cluster has GPUs, else 0)")
     p.add_argument("--max-restarts", type=int, help="times a dead worker is replaced before the "
                    "run fails (default 2)")
+    p.add_argument("--weight-cap-bytes", type=int, help="bytes of model weights one worker may "
+                   "hold; a Hugging Face causal LM with more is scored and built block by block "
+                   "(default: half a worker's GPU memory, or a quarter of its node's memory)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace a finished run at the output location")
     p.add_argument("--dry-run", action="store_true", help="validate the job, load the model, read "

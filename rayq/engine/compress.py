@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from rayq import progress
-from rayq.config import ExecutionSettings, QuantizationSettings, quantization_settings
+from rayq.config import (ExecutionSettings, QuantizationSettings, execution_settings,
+                         quantization_settings)
 from rayq.engine import build, tables, thresholds
 from rayq.engine.evaluate import Fidelity, measure, reference_outputs
 from rayq.errors import ConfigError, DataError, ModelError
@@ -71,7 +72,7 @@ class InProcessBackend:
     def qs_sums(self, batches, activations):
         with progress.phase("qs sums", len(batches)) as advance:
             return score_batches(self.model, self.layers, self.schemes, self.bank, activations,
-                                 batches, advance, self.per_position)
+                                 batches, advance, per_position=self.per_position)
 
     def end_to_end_sums(self, batches, activations, layer_names: list[str] | None = None):
         layers = self.layers if layer_names is None else [
@@ -258,7 +259,7 @@ def _ray_backend_factory(model: nn.Module, source: dict | None, workers: int, ad
     from rayq.driver.backend import RayBackend
 
     fault = execution.pop("fault", None)  # testing hook, see rayq.driver.worker
-    settings = ExecutionSettings(workers=workers, address=address, **execution)
+    settings = execution_settings(workers=workers, address=address, **execution)
     cluster.connect(address)
     payload = {"source": source} if source else {"module": model}
 

@@ -12,7 +12,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -240,9 +240,12 @@ def _hooks(model: nn.Module, layers: list[LayerSpec], callback, pre: bool = Fals
 def score_batches(model: nn.Module, layers: list[LayerSpec], schemes: list[Scheme],
                   bank: WeightBank, activations: dict[str, ActivationParams],
                   batches: Iterable[tuple[int, Batch]], progress=None,
-                  per_position: bool = False) -> BatchSums:
+                  run: Callable[[int, Any], Any] | None = None,
+                  outputs: dict[int, Any] | None = None, per_position: bool = False) -> BatchSums:
     """Run the float model over indexed batches and return the QS sums of each batch.
 
+    `run(index, batch)` replaces the call of the whole model, as block-by-block scoring does
+    with one block; its results are kept in `outputs` by batch index when `outputs` is given.
     With `per_position`, the sums are those of the `position` normalization: per-position
     relative errors and the count of positions, instead of error and signal energies.
     """
@@ -251,7 +254,9 @@ def score_batches(model: nn.Module, layers: list[LayerSpec], schemes: list[Schem
     with torch.no_grad(), _hooks(model, layers, scorer.hook):
         for index, batch in batches:
             scorer.current = {}
-            call_model(model, batch, index)
+            result = run(index, batch) if run is not None else call_model(model, batch, index)
+            if outputs is not None:
+                outputs[index] = result
             partials[index] = scorer.current
             if progress is not None:
                 progress(1)
