@@ -5,6 +5,8 @@ STAMP := $(VENV)/.installed
 # Pins torch to the CPU build; an unpinned torch would pull a multi-GB CUDA build.
 PIP := $(VENV)/bin/pip install --quiet -c constraints.txt
 
+BENCH_STAMP := $(VENV)/.bench-installed
+
 .PHONY: install demo test bench clean zoo zoo-small zoo-data image
 
 install: $(STAMP)
@@ -23,8 +25,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+# The peers the benchmark compares against (torchao) install only here, so `make test` stays lean.
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(PIP) -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
 # Writes bench/results.json and bench/RESULTS.md; run it on an otherwise idle machine.
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(VENV)/bin/python bench/run.py
 
 # The model zoo of jobs/zoo.yaml (MiniLM, CREPE, Resemblyzer) into runs/zoo.
