@@ -13,10 +13,6 @@ from rayq.engine.compress import prepare
 from rayq.scoring.sensitivity import reduce_sums
 
 
-    predicted = [r for r in result.thresholds.to_pylist() if r["chosen"]][0]["model_bytes"]
-    results["size_ratio_error"] = abs(saved - predicted) / predicted
-
-
 def save_llama(folder: str, hidden: int, intermediate: int, layers: int, vocab: int) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from blocks import block_figures, save_llama
 from cost import (
     cost_figures,
     naive_figures,
@@ -28,7 +29,6 @@ from cost import (
     size_figure,
     synthetic,
 )
-from blocks import block_figures, save_llama
 from fidelity import fidelity_table
 from report import render
 
