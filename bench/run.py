@@ -177,7 +177,10 @@ def llama_figures(quick: bool, sizes: Sizes, results: dict, raw: dict) -> None:
 def status_line(quick: bool, load_before: str) -> str:
     if quick:
         return "NOT FINAL: --quick run on tiny settings; these figures mean nothing"
-    busiest = max(float(v) for v in load_before.split() + [load_average().split()[0]])
+    # The 1-minute average at the start, and the 1- and 5-minute averages at the end, which
+    # cover the run itself; the longer averages at the start describe work before it.
+    after = [float(v) for v in load_average().split()[:2]]
+    busiest = max([float(load_before.split()[0]), *after])
     if busiest >= IDLE_LOAD:
         return (f"NOT FINAL: the machine was busy (load average up to {busiest:.1f}, "
                 f"figures of record need below {IDLE_LOAD})")
