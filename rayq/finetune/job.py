@@ -27,11 +27,16 @@ from torch import nn
 
 from rayq.config import FinetuneSettings, JobConfig, finetune_settings
 from rayq.engine.evaluate import Fidelity, measure, reference_outputs
-from rayq.errors import ConfigError, DataError, StorageError
+from rayq.errors import ConfigError, DataError
 from rayq.finetune.loop import TrainingData, total_steps
 from rayq.finetune.objective import resolve_loss
-from rayq.finetune.runners import (CHECKPOINTS, StudentPayload, Trained, train_in_process,
-                                   train_with_ray)
+from rayq.finetune.runners import (
+    CHECKPOINTS,
+    StudentPayload,
+    Trained,
+    train_in_process,
+    train_with_ray,
+)
 from rayq.model.compressed import freeze
 from rayq.scoring.batches import Batch, call_model, float_tensors
 from rayq.storage import model_io

@@ -26,7 +26,13 @@ from rayq import progress
 from rayq.config import FinetuneSettings
 from rayq.errors import RunFailedError
 from rayq.finetune.checkpoints import STATE_FILE, load_checkpoint, save_checkpoint
-from rayq.finetune.loop import (LoopHooks, LoopState, TrainingData, make_optimizer, run_loop)
+from rayq.finetune.loop import (
+    LoopHooks,
+    LoopState,
+    TrainingData,
+    make_optimizer,
+    run_loop,
+)
 from rayq.finetune.objective import resolve_loss
 from rayq.model.compressed import enable_training
 from rayq.storage.location import Location
@@ -146,7 +152,7 @@ def train_with_ray(payload: StudentPayload, data: TrainingData, settings: Finetu
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
+    from ray.util.queue import Empty, Queue
 
     from rayq.driver import cluster
 
@@ -169,7 +175,7 @@ def train_with_ray(payload: StudentPayload, data: TrainingData, settings: Finetu
     logger.info("fine-tuning on %d Ray Train workers (%s each), checkpoints in %s",
                 settings.workers, resources, checkpoints.uri)
     try:
-        result = _fit_with_progress(trainer, steps_queue, total)
+        result = _fit_with_progress(trainer, steps_queue, Empty, total)
     finally:
         ray.kill(steps_queue.actor)
     if result.error is not None:
@@ -184,7 +190,7 @@ def train_with_ray(payload: StudentPayload, data: TrainingData, settings: Finetu
     return Trained(model, state, workers)
 
 
-def _fit_with_progress(trainer, steps_queue, total: int):
+def _fit_with_progress(trainer, steps_queue, empty: type[Exception], total: int):
     """Run `trainer.fit()` while logging the steps that rank 0 puts on the queue."""
     done = threading.Event()
     outcome: dict[str, Any] = {}
@@ -192,7 +198,7 @@ def _fit_with_progress(trainer, steps_queue, total: int):
     def fit() -> None:
         try:
             outcome["result"] = trainer.fit()
-        except Exception as exc:  # re-raised in the caller's thread below
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             outcome["error"] = exc
         finally:
             done.set()
@@ -203,7 +209,7 @@ def _fit_with_progress(trainer, steps_queue, total: int):
         while not done.is_set() or not steps_queue.empty():
             try:
                 step, loss = steps_queue.get(timeout=0.5)
-            except Exception:  # ray.util.queue.Empty after the timeout
+            except empty:
                 continue
             logger.info("fine-tuning step %d/%d: loss %.6g", step, total, loss)
             advance(1)
