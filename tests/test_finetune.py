@@ -247,6 +247,15 @@ def test_finetune_help_lists_every_option(capsys):
         assert flag in out
 
 
+def test_cli_report_names_the_parent(parent, capsys):
+    output = parent / "reported"
+    rayq.finetune(str(parent / "parent"), str(output), model=make_mlp(), steps=2)
+    assert main(["report", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert f"fine-tuned from {parent / 'parent'}" in out
+    assert "fine-tuning: 2 steps" in out
+
+
 def test_cli_rejects_invalid_values_with_exit_2(parent, capsys):
     code = main(["finetune", str(parent / "parent"), "--output", str(parent / "never"),
                  "--steps", "3", "--epochs", "1"])
@@ -309,3 +318,17 @@ def test_ray_train_resumes_after_killed_worker(parent, ray_local, pickled_by_val
     for actual, expected in zip(outputs_of(loaded, probes), outputs_of(result.trained_model, probes)):
         assert torch.equal(actual, expected)
     assert open_run(str(output)).manifest["parent"] == str(parent / "parent")
+
+
+def test_finetune_writes_to_s3(parent, s3_bucket):
+    output = f"s3://{s3_bucket}/tuned"
+    result = rayq.finetune(str(parent / "parent"), output, model=make_mlp(), steps=3,
+                           checkpoint_every=1)
+    run = open_run(output)
+    assert run.manifest["parent"] == str(parent / "parent")
+    # The checkpoints were written under the output while the job ran, and removed at its end.
+    assert not [path for path in run.location.list_files() if path.startswith("checkpoints/")]
+    probes = [torch.randn(5, 16, generator=torch.Generator().manual_seed(11))]
+    loaded = rayq.load(output, make_mlp())
+    for actual, expected in zip(outputs_of(loaded, probes), outputs_of(result.trained_model, probes)):
+        assert torch.equal(actual, expected)

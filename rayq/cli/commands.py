@@ -158,8 +158,12 @@ def report(args: argparse.Namespace) -> int:
     run = open_run(args.location)
     run.verify()
     print(run.read("summary.txt").decode(), end="")
-    origin = (f"re-planned from {run.manifest['parent']}" if run.manifest.get("parent")
-              else _count(len(run.manifest["workers"]), "worker"))
+    if run.manifest.get("finetune"):
+        origin = f"fine-tuned from {run.manifest['parent']}"
+    elif run.manifest.get("parent"):
+        origin = f"re-planned from {run.manifest['parent']}"
+    else:
+        origin = _count(len(run.manifest["workers"]), "worker")
     print(f"run: {run.location.uri} (rayq {run.manifest['versions'].get('rayq', '?')}, {origin})")
     return 0
 

@@ -2,10 +2,10 @@
 
 The parent run is only read. Its manifest gives the model source and the calibration job, so the
 teacher (the float model), the training batches and the held-out batches are the ones that
-compressed it. The new run has the parent's layout: the fine-tuned model, the parent's
-sensitivity and plan tables, its threshold table with the chosen row measured again on the
-fine-tuned model, `finetune.parquet` (the loss of every step) and a manifest that records the
-parent.
+compressed it. The new run has the parent's layout. It contains the fine-tuned model, the
+parent's sensitivity and plan tables, and its threshold table with the chosen row measured again
+on the fine-tuned model. `finetune.parquet` adds the loss of every step, and the manifest records
+the parent.
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def _write(parent: _Parent, result: FinetuneResult, options: FinetuneSettings, t
 
 @dataclass
 class _RunContents:
-    """What `write_run` reads from a result: the model, its folded pairs and the tables."""
+    """The parts of a result that `write_run` reads: the model, its folded pairs and the tables."""
 
     model: nn.Module
     folded: list[tuple[str, str]]

@@ -36,7 +36,7 @@ class TrainingData:
 
 @dataclass
 class LoopHooks:
-    """What the loop needs from its runner; the defaults fit a single process."""
+    """Callbacks and placement that the runner gives the loop. The defaults fit one process."""
 
     rank: int = 0
     world: int = 1

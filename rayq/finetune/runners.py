@@ -24,7 +24,7 @@ from torch import nn
 
 from rayq import progress
 from rayq.config import FinetuneSettings
-from rayq.errors import RunFailedError
+from rayq.errors import ConfigError, RunFailedError
 from rayq.finetune.checkpoints import STATE_FILE, load_checkpoint, save_checkpoint
 from rayq.finetune.loop import (
     LoopHooks,
@@ -47,8 +47,11 @@ KEEP_CHECKPOINTS = 2
 
 @dataclass
 class StudentPayload:
-    """What a process needs to rebuild the compressed model: no module with parametrizations
-    travels, because torch creates their classes at run time and they cannot be pickled."""
+    """The parts a process needs to rebuild the compressed model.
+
+    No module with parametrizations travels, because torch creates their classes at run time and
+    pickle cannot find them by name.
+    """
 
     source: dict | None
     module: nn.Module | None
@@ -95,7 +98,12 @@ def train_in_process(payload: StudentPayload, data: TrainingData, settings: Fine
     if latest is not None:
         with tempfile.TemporaryDirectory() as folder:
             pafs.copy_files(checkpoints.path(latest), folder, source_filesystem=checkpoints.fs)
-            state = _load_state(folder, model, optimizer)
+            try:
+                state = _load_state(folder, model, optimizer)
+            except (ValueError, KeyError) as exc:
+                raise ConfigError(f"the checkpoint {checkpoints.describe(latest)} does not fit "
+                                  f"this job: {exc}. Remove {checkpoints.uri} to start over, or "
+                                  "choose another output") from None
         state.resumed_from.append(state.step)
         logger.warning("resuming fine-tuning from the checkpoint at step %d in %s", state.step,
                        checkpoints.describe(latest))
