@@ -285,6 +285,32 @@ def test_cli_needs_trust_code_for_factory_parent(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "never")
 
 
+def test_cli_finetunes_factory_run_with_trust_code(tmp_path, monkeypatch, capsys):
+    (tmp_path / "rayq_finetune_factory.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef make():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calibration = tmp_path / "c.safetensors"
+    safetensors.torch.save_file({"x": torch.randn(24, 16, generator=torch.Generator().manual_seed(3))},
+                                str(calibration))
+    # The parent is compressed here rather than by `rayq compress`, which would start Ray.
+    job = JobConfig(model="python:rayq_finetune_factory:make", calibration=str(calibration),
+                    batch_size=4, threshold=1.0, schemes=["int4"], output=str(tmp_path / "parent"))
+    import rayq_finetune_factory
+
+    result = rayq.compress(rayq_finetune_factory.make(), load_batches(str(calibration), None, 4),
+                           threshold=1.0, schemes=["int4"])
+    write_run(result, job.output, config=job.model_dump(mode="json"),
+              source={"kind": "python", "factory": "rayq_finetune_factory:make", "weights": None})
+    assert main(["finetune", str(tmp_path / "parent"), "--output", str(tmp_path / "tuned"),
+                 "--trust-code", "--steps", "3", "--learn-scales"]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning: 3 steps" in out
+    assert "before" in out
+    assert "after" in out
+    assert manifest(tmp_path / "tuned")["finetune"]["learn_scales"] is True
+
+
 def test_cli_model_in_memory_parent_exits_2(parent, capsys):
     code = main(["finetune", str(parent / "parent"), "--output", str(parent / "never")])
     assert code == 2
