@@ -214,6 +214,16 @@ def test_unknown_user_loss_and_big_batch_are_rejected(parent):
     assert not os.path.exists(parent / "never")
 
 
+def test_loss_that_is_not_scalar_is_rejected(parent, tmp_path, monkeypatch):
+    (tmp_path / "rayq_test_bad_loss.py").write_text(
+        "def per_sample(outputs, targets):\n    return (outputs - targets[0]).square().sum(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="scalar tensor"):
+        rayq.finetune(str(parent / "parent"), str(parent / "never"), model=make_mlp(),
+                      loss="rayq_test_bad_loss:per_sample")
+    assert not os.path.exists(parent / "never")
+
+
 def test_output_rules(parent):
     with pytest.raises(ConfigError, match="parent run itself"):
         rayq.finetune(str(parent / "parent"), str(parent / "parent"), model=make_mlp(), steps=1)
