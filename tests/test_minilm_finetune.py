@@ -24,7 +24,7 @@ BATCHES = 12
 HELD_OUT = 2
 MAX_LENGTH = 32
 STEPS = 40
-LEARNING_RATE = 2e-4
+LEARNING_RATE = 3e-4
 # The target: at least half of the cosine similarity lost to quantization comes back.
 RECOVERED_TARGET = 0.5
 
