@@ -233,5 +233,6 @@ def quantization_settings(**values) -> QuantizationSettings:
         raise format_validation_error(exc, "compress() arguments") from None
 
 
-__all__ = ["FLOAT", "ExecutionSettings", "FinetuneSettings", "JobConfig", "PinSetting", "QuantizationSettings", "format_validation_error",
-           "finetune_settings", "quantization_settings"]
+__all__ = ["FLOAT", "ExecutionSettings", "FinetuneSettings", "JobConfig", "PinSetting",
+           "QuantizationSettings", "finetune_settings", "format_validation_error",
+           "quantization_settings"]
