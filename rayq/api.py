@@ -11,7 +11,9 @@ from rayq.storage.run import load_run_model, open_run, write_run
 
 def save(result: CompressResult, location: str, overwrite: bool = False,
          source: dict | None = None) -> Location:
-    """Write a result's model, tables, summary and manifest to a folder, file:// or s3:// URI.
+    """Write a result's model, tables, pictures, summary and manifest to a location.
+
+    The location is a local folder, a file:// URI or an s3:// URI.
 
     `source` records where the float model comes from (see `rayq.sources.models`), so that
     `rayq.load(location)` can rebuild it; without it, load needs the float model.

@@ -7,7 +7,7 @@ errors, and validation reports every problem at once.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -48,6 +48,12 @@ class QuantizationSettings(BaseModel):
         "local", description="local (default): one float pass scores every layer on its own "
         "output. end_to_end: also quantize one layer at a time and measure the whole model's "
         "output, at one model pass per layer, scheme and batch; the plan then uses these scores.")
+    qs_normalization: Literal["energy", "position"] = Field(
+        "energy", description="How local QS normalizes the error. energy (default): error "
+        "energy over signal energy summed over all outputs. position: each output position "
+        "(token, pixel, sample) divided by its own signal energy, then averaged, so a few "
+        "positions with very large outputs cannot hide the error on the rest; use it for "
+        "transformers, whose special tokens carry outputs hundreds of times larger.")
     clip_search: bool = Field(
         True, description="Search a clipped weight scale per group with less error than absmax.")
     evaluation_batches: int | None = Field(
@@ -93,6 +99,11 @@ class ExecutionSettings(BaseModel):
         None, ge=0, description="GPUs per worker. Default: 1 where the cluster has GPUs, else 0.")
     max_restarts: int = Field(2, ge=0, description="Times each worker may be replaced after it "
                               "dies before the run fails. Default 2.")
+    weight_cap_bytes: int | None = Field(
+        None, gt=0, strict=True, description="Bytes of model weights one worker may hold. A "
+        "Hugging Face decoder model whose weights exceed it is scored and built block by block, "
+        "one group of consecutive decoder layers at a time. Default: half the memory of the "
+        "worker's GPU, or a quarter of the worker node's memory on CPU workers.")
 
 
 class JobConfig(QuantizationSettings, ExecutionSettings):
@@ -226,6 +237,101 @@ def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
     return ConfigError(f"invalid settings in {source}", problems)
 
 
+# Settings that change how a run is computed but not what it computes: scores merge exactly for any
+# number of workers, and the output location is where the run goes, not what it contains.
+EXECUTION_ONLY = frozenset(ExecutionSettings.model_fields) | {"output", "overwrite"}
+# A fleet model's output is `<fleet output>/<name>`, and the fleet decides when to replace it.
+FLEET_SET_FIELDS = frozenset({"output", "overwrite"})
+
+
+class FleetEntry(BaseModel):
+    """One model of a fleet: its name, source and data, and overrides of any `rayq compress` field."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Folder name of the "
+                      "model's run under the fleet's output: letters, digits, '.', '_' and '-'.")
+    model: str = Field(description="As `model` of `rayq compress`.")
+    calibration: str = Field(description="As `calibration` of `rayq compress`.")
+
+
+class FleetConfig(BaseModel):
+    """A `rayq zoo` fleet file: an output root, defaults for every model, and the models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: str = Field(description="Output root; each model writes its run to OUTPUT/NAME, and the "
+                        "fleet writes OUTPUT/fleet.parquet.")
+    defaults: dict[str, Any] = Field(
+        default_factory=dict, description="Fields of a `rayq compress` job applied to every model "
+        "(threshold, schemes, workers, ...); a model's own fields override them.")
+    models: list[FleetEntry] = Field(min_length=1, description="The models, each with a unique name.")
+    parallel: int | None = Field(
+        None, ge=1, description="Models compressed at once. Default: as many as the cluster's "
+        "CPUs and GPUs hold with every model's workers placed.")
+    claim_ttl_s: float = Field(
+        3600.0, gt=0, description="Seconds a claim on a model stays valid without renewal; a "
+        "running fleet renews its claims every third of this. A claim left by a crashed fleet "
+        "may be taken over once it expires. Default 3600.")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, value):
+        names = [entry.name for entry in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(repeated)}")
+        return value
+
+    def jobs(self, source: str) -> dict[str, JobConfig]:
+        """Build every model's effective `JobConfig`; raise one ConfigError listing every problem."""
+        problems = []
+        for key in sorted(FLEET_SET_FIELDS & set(self.defaults)):
+            problems.append(f"defaults.{key}: not allowed in a fleet; the fleet writes each model "
+                            "to OUTPUT/NAME and replaces a run only when its inputs changed")
+        jobs = {}
+        for index, entry in enumerate(self.models):
+            values = entry.model_dump(exclude={"name"})
+            for key in sorted(FLEET_SET_FIELDS & set(values)):
+                problems.append(f"models.{index}.{key}: not allowed in a fleet model; remove it")
+            merged = {**self.defaults, **values,
+                      "output": self.output.rstrip("/") + "/" + entry.name, "overwrite": True}
+            try:
+                jobs[entry.name] = JobConfig(**merged)
+            except ValidationError as exc:
+                problems += [_fleet_problem(error, index, values) for error in exc.errors()]
+        if problems:
+            raise ConfigError(f"invalid fleet settings in {source}", problems)
+        return jobs
+
+
+def _fleet_problem(error: dict, index: int, own_values: dict) -> str:
+    """Name a JobConfig error by where its value came from: the model's entry or the defaults."""
+    key = str(error["loc"][0]) if error["loc"] else ""
+    path = ".".join(str(p) for p in error["loc"])
+    prefix = f"models.{index}" if key in own_values or error["type"] == "missing" else "defaults"
+    if error["type"] == "extra_forbidden":
+        return f"{prefix}.{path}: unknown key; check its spelling against `rayq compress --help`"
+    if error["type"] == "missing":
+        return f"{prefix}.{path}: missing; set it in the model's entry or in defaults"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{prefix}.{path}: invalid value {error.get('input')!r}: {message}"
+
+
+def load_fleet(data: dict, source: str) -> FleetConfig:
+    try:
+        return FleetConfig(**data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, source) from None
+
+
+def execution_settings(**values) -> ExecutionSettings:
+    try:
+        return ExecutionSettings(**values)
+    except ValidationError as exc:
+        raise format_validation_error(exc, "compress() arguments") from None
+
+
 def quantization_settings(**values) -> QuantizationSettings:
     try:
         return QuantizationSettings(**values)
@@ -233,6 +339,6 @@ def quantization_settings(**values) -> QuantizationSettings:
         raise format_validation_error(exc, "compress() arguments") from None
 
 
-__all__ = ["FLOAT", "ExecutionSettings", "FinetuneSettings", "JobConfig", "PinSetting",
-           "QuantizationSettings", "finetune_settings", "format_validation_error",
-           "quantization_settings"]
+__all__ = ["EXECUTION_ONLY", "FLOAT", "ExecutionSettings", "FinetuneSettings", "FleetConfig",
+           "FleetEntry", "JobConfig", "PinSetting", "QuantizationSettings", "execution_settings",
+           "finetune_settings", "format_validation_error", "load_fleet", "quantization_settings"]

@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,13 +22,15 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 from rayq.cli.main import main
 
 FACTORY_MODULE = "rayq_cli_test_model"
 FACTORY = f"python:{FACTORY_MODULE}:make"
 FACTORY_SOURCE = '''
+import time
+
 import torch
 from torch import nn
 
@@ -43,6 +49,19 @@ class Tiny(nn.Module):
 def make():
     torch.manual_seed(0)
     return Tiny().eval()
+
+
+class Slow(Tiny):
+    """Tiny that takes a quarter of a second per call, so a run lasts long enough to interrupt."""
+
+    def forward(self, x):
+        time.sleep(0.25)
+        return super().forward(x)
+
+
+def make_slow():
+    torch.manual_seed(0)
+    return Slow().eval()
 '''
 SAMPLES = 40
 BATCH_SIZE = 4  # 10 batches: 9 scored, the last one held out
@@ -111,8 +130,9 @@ def assert_nothing_written(output) -> None:
 HELP_FLAGS = {
     "compress": ["--model", "--calibration", "--threshold", "--schemes", "--output", "--workers",
                  "--address", "--dry-run", "--overwrite"],
-    "plan": ["--threshold", "--output", "--overwrite", "--trust-code"],
-    "report": ["location"],
+    "plan": ["--threshold", "--schemes", "--output", "--overwrite", "--trust-code"],
+    "report": ["location", "--html", "--pictures"],
+    "zoo": ["fleet", "--output", "--force", "--parallel", "--address"],
 }
 
 
@@ -173,7 +193,8 @@ def test_compress_subprocess_writes_run(finished_run):
     assert process.returncode == 0, process.stderr
     assert "Traceback" not in process.stderr
     for path in ("manifest.json", "model/model.safetensors", "model/quant_config.json",
-                 "sensitivity.parquet", "plan.parquet", "thresholds.parquet", "summary.txt"):
+                 "sensitivity.parquet", "plan.parquet", "thresholds.parquet", "summary.txt",
+                 "sensitivity.png", "thresholds.png", "report.html"):
         assert os.path.isfile(os.path.join(output, path)), path
     assert "Threshold guidance" in process.stdout
     assert "<- chosen" in process.stdout
@@ -258,6 +279,37 @@ def test_plan_subprocess_replans_at_zero(finished_run, workspace, tmp_path):
     assert chosen[0]["threshold"] == 0.0
     assert chosen[0]["cosine_min"] > 0.99999
     assert (output / "manifest.json").read_bytes() == before
+    # New pictures for the new plan, listed in the new manifest.
+    for name in ("sensitivity.png", "thresholds.png", "report.html"):
+        assert (new / name).read_bytes() != (output / name).read_bytes(), name
+        assert name in read_manifest(new)["files"], name
+    assert "Chosen threshold: <b>0</b>" in (new / "report.html").read_text()
+    assert "Chosen threshold: <b>0.01</b>" in (output / "report.html").read_text()
+
+
+def test_plan_narrows_schemes(finished_run, workspace, tmp_path):
+    _, _, output = finished_run
+    new = tmp_path / "int8-only"
+    process = run_cli("plan", str(output), "--threshold", "1", "--schemes", "int8", "--output",
+                      str(new), "--trust-code", env=subprocess_env(workspace), timeout=300)
+    assert process.returncode == 0, process.stderr
+    plan = pq.read_table(new / "plan.parquet").to_pylist()
+    assert {r["scheme"] for r in plan if r["quantizable"]} == {"int8"}
+    assert read_manifest(new)["config"]["schemes"] == ["int8"]
+    rows = pq.read_table(new / "thresholds.parquet").to_pylist()
+    assert all(r["layers_int4"] == 0 for r in rows)
+    assert all(r["cosine_mean"] is not None for r in rows)
+
+
+def test_plan_rejects_unscored_scheme(finished_run, tmp_path, capsys):
+    _, _, output = finished_run
+    new = tmp_path / "replanned"
+    assert main(["plan", str(output), "--threshold", "0.005", "--schemes", "w8a8", "--output",
+                 str(new)]) == 2
+    err = capsys.readouterr().err
+    assert "w8a8" in err and "int4" in err
+    assert "Traceback" not in err
+    assert_nothing_written(new)
 
 
 def test_plan_of_factory_run_needs_trust_code(finished_run, tmp_path, capsys):
@@ -531,3 +583,61 @@ def test_plan_rejects_corrupted_parent(finished_run, tmp_path, capsys):
     assert code == 2
     assert "summary.txt is corrupted" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+# Ctrl-C during a run.
+
+def _ray_daemons() -> set[int]:
+    """Pids of the Ray daemons (raylet, GCS server) running on this machine."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as comm:
+                name = comm.read().strip()
+        except OSError:
+            continue
+        if name in ("raylet", "gcs_server"):
+            pids.add(int(entry))
+    return pids
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return predicate()
+
+
+def test_ctrl_c_stops_ray_and_leaves_no_manifest(workspace, tmp_path):
+    output = tmp_path / "interrupted"
+    log = tmp_path / "stderr.log"
+    before = _ray_daemons()
+    args = [sys.executable, "-m", "rayq.cli.main", "compress", "--model",
+            f"python:{FACTORY_MODULE}:make_slow", "--calibration",
+            str(workspace / "calibration.safetensors"), "--batch-size", "1", "--workers", "1",
+            "--output", str(output)]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT,
+                                   env={**os.environ, **subprocess_env(workspace)})
+        try:
+            # 40 batches at 0.25 s per forward: scoring lasts well over 10 s, so the signal
+            # arrives while the Ray workers are busy.
+            assert _wait_for(lambda: "sensitivity:" in log.read_text(), timeout=240), \
+                log.read_text()
+            assert _ray_daemons() - before, "the run started no Ray daemons of its own"
+            process.send_signal(signal.SIGINT)
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    text = log.read_text()
+    assert code == 130, text
+    assert "interrupted: no run was committed" in text
+    assert "Traceback" not in text
+    assert_nothing_written(output)
+    # The local Ray instance that the run started is shut down with it.
+    assert _wait_for(lambda: not (_ray_daemons() - before), timeout=60), _ray_daemons() - before

@@ -533,6 +533,29 @@ def test_replan_rejects_invalid_threshold():
         result.replan(-1)
 
 
+def test_replan_narrows_candidates_like_a_fresh_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    batches = randn_batches(10, 8, 256)
+    both = rayq.compress(model, batches, threshold=1.0)
+    assert {row["scheme"] for row in plan_rows(both).values()} == {"int4"}
+
+    narrowed = both.replan(1.0, evaluate=True, schemes=["int8"])
+    fresh = rayq.compress(model, batches, threshold=1.0, schemes=["int8"])
+    assert plan_rows(narrowed) == plan_rows(fresh)
+    # The errors of the int4 ladder must not be carried over to the int8-only plans.
+    assert narrowed.thresholds.equals(fresh.thresholds)
+    assert narrowed.settings.schemes == ["int8"]
+
+
+def test_replan_rejects_unscored_scheme():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    result = rayq.compress(model, randn_batches(1, 2, 4), schemes=["int8"])
+    with pytest.raises(ConfigError, match="w8a8") as caught:
+        result.replan(0.005, schemes=["w8a8"])
+    assert "int8" in str(caught.value)
+
+
 def test_empty_calibration_rejected():
     model = nn.Sequential(nn.Linear(4, 4)).eval()
     with pytest.raises(DataError) as caught:

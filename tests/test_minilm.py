@@ -54,14 +54,36 @@ def test_minilm_fidelity_at_0_001(compressed):
     assert row["model_bytes"] <= SIZE_LIMIT_MB * 1e6
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: at 0.005 three FFN output projections take "
-                   "int4 with local QS 0.002-0.003 and the embedding cosine falls to about 0.992")
+@pytest.mark.xfail(strict=True, reason="known gap: with int4 among the candidates, three FFN "
+                   "output projections take int4 at 0.005 (local QS 0.002-0.003) and the "
+                   "embedding cosine falls to about 0.992; see test_minilm_int8_candidates_at_0_005")
 def test_minilm_fidelity_at_0_005(compressed):
     result, _ = compressed
     row = _row(result, 0.005)
     print(f"\nMiniLM threshold 0.005: cosine mean {row['cosine_mean']:.5f}, "
           f"{row['model_bytes'] / 1e6:.2f} MB")
     assert row["cosine_mean"] >= COSINE_TARGET
+
+
+def test_minilm_int8_candidates_at_0_005(compressed, tmp_path):
+    """The demo's setting: threshold 0.005 with int8 as the only candidate.
+
+    Re-planned from the shared run's scores (no scoring pass); the new plans are measured on the
+    held-out paragraphs. Every layer's int8 QS is below 0.005 here, so the plan is int8 for
+    every weight, embeddings included.
+    """
+    result, _ = compressed
+    int8_only = result.replan(0.005, evaluate=True, schemes=["int8"])
+    row = _row(int8_only, 0.005)
+    location = str(tmp_path / "run")
+    write_run(int8_only, location, config={"threshold": 0.005}, source=None)
+    saved = os.path.getsize(os.path.join(location, "model", "model.safetensors"))
+    print(f"\nMiniLM threshold 0.005, int8 candidates: cosine mean {row['cosine_mean']:.5f} min "
+          f"{row['cosine_min']:.5f}, saved {saved / 1e6:.2f} MB of {FLOAT_MB} MB, ratio "
+          f"{row['compression_ratio']:.2f}x")
+    assert row["cosine_mean"] >= COSINE_TARGET
+    assert saved <= SIZE_LIMIT_MB * 1e6
+    assert row["layers_int4"] == 0
 
 
 def test_minilm_saved_size_and_round_trip(compressed, minilm, tmp_path):

@@ -180,7 +180,15 @@ def record_calls(model: nn.Module, names: list[str], batches: list) -> dict[str,
     return calls
 
 
-def reference_qs(model: nn.Module, name: str, scheme: str, calls: list, input_params) -> float:
+def positions(tensor: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """(positions, features) view of an output: convolutions keep features in dim 1."""
+    if isinstance(layer, nn.modules.conv._ConvNd) and tensor.dim() >= 3:
+        tensor = tensor.movedim(1, -1)
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def reference_qs(model: nn.Module, name: str, scheme: str, calls: list, input_params,
+                 normalization: str = "energy") -> float:
     """Run one layer alone on its recorded float inputs with dequantized weights."""
     layer = copy.deepcopy(model.get_submodule(name))
     kind, groups = layer_kind(layer), getattr(layer, "groups", 1)
@@ -196,15 +204,25 @@ def reference_qs(model: nn.Module, name: str, scheme: str, calls: list, input_pa
                 args = (reference_fake_quantize(args[0], *input_params), *args[1:])
             quantized = floating_tensors(layer(*args, **kwargs))
             for out, ref in zip(quantized, floating_tensors(output), strict=True):
-                error += float((out.double() - ref.double()).pow(2).sum())
-                signal += float(ref.double().pow(2).sum())
+                if normalization == "position":
+                    rows, ref_rows = positions(out.double(), layer), positions(ref.double(), layer)
+                    for row, ref_row in zip(rows, ref_rows, strict=True):
+                        row_error = float((row - ref_row).pow(2).sum())
+                        if row_error:
+                            error += row_error / float(ref_row.pow(2).sum())
+                    signal += len(ref_rows)
+                else:
+                    error += float((out.double() - ref.double()).pow(2).sum())
+                    signal += float(ref.double().pow(2).sum())
     return error / signal
 
 
-def test_one_pass_qs_matches_layer_by_layer_reference():
+@pytest.mark.parametrize("normalization", ["energy", "position"])
+def test_one_pass_qs_matches_layer_by_layer_reference(normalization):
     model = mixed_model()
     batches = token_batches(3)
-    result = rayq.compress(model, batches, threshold=0.005, schemes=ALL_SCHEMES, clip_search=False)
+    result = rayq.compress(model, batches, threshold=0.005, schemes=ALL_SCHEMES, clip_search=False,
+                           qs_normalization=normalization)
     rows = result.sensitivity.to_pylist()
     names = sorted({row["layer"] for row in rows})
     assert len(names) >= 20
@@ -216,7 +234,8 @@ def test_one_pass_qs_matches_layer_by_layer_reference():
         if not row["fits"]:
             continue
         params = (row["input_scale"], row["input_zero_point"])
-        expected = reference_qs(model, row["layer"], row["scheme"], calls[row["layer"]], params)
+        expected = reference_qs(model, row["layer"], row["scheme"], calls[row["layer"]], params,
+                                normalization)
         # Both sides run the same float32 layer arithmetic, and only the order of float64 sums
         # differs (measured: equal to 2e-16).
         assert row["qs"] == pytest.approx(expected, rel=1e-6), (row["layer"], row["scheme"])
@@ -234,7 +253,8 @@ def test_module_types_in_sensitivity_table():
     assert types["mha"] == "MultiheadAttention"
 
 
-def score_in_parts(prepared, schemes, parts: list[list[tuple[int, torch.Tensor]]]):
+def score_in_parts(prepared, schemes, parts: list[list[tuple[int, torch.Tensor]]],
+                   per_position: bool = False):
     """Score disjoint shares of the batches as separate workers would, then merge."""
     stats = merge_stats([gather_activation_stats(prepared.model, prepared.layers, part)
                          for part in reversed(parts)])
@@ -243,16 +263,17 @@ def score_in_parts(prepared, schemes, parts: list[list[tuple[int, torch.Tensor]]
     for part in parts:
         bank = WeightBank(prepared.model, prepared.layers, by_compression(schemes))
         partials.update(score_batches(prepared.model, prepared.layers, by_compression(schemes),
-                                      bank, activations, part))
+                                      bank, activations, part, per_position=per_position))
     return stats, activations, reduce_sums(partials, prepared.layers)
 
 
-def test_split_batches_give_identical_scores():
+@pytest.mark.parametrize("per_position", [False, True])
+def test_split_batches_give_identical_scores(per_position):
     prepared = prepare(mixed_model())
     indexed = list(enumerate(token_batches(6, seed=1)))
-    whole_stats, whole_params, whole = score_in_parts(prepared, ALL_SCHEMES, [indexed])
+    whole_stats, whole_params, whole = score_in_parts(prepared, ALL_SCHEMES, [indexed], per_position)
     split_stats, split_params, split = score_in_parts(
-        prepared, ALL_SCHEMES, [indexed[4:], indexed[:1], indexed[1:4]])
+        prepared, ALL_SCHEMES, [indexed[4:], indexed[:1], indexed[1:4]], per_position)
 
     assert whole_stats.keys() == split_stats.keys()
     for name in whole_stats:
@@ -392,3 +413,62 @@ def test_reduce_order_is_batch_order():
     # In batch order the sum is 0.0, where reverse order would give 1.0.
     assert totals["0"].numerators["int8"] == (1.0 + 1e16) + -1e16
     assert totals["0"].calls == 3
+
+
+def test_position_normalization_sees_error_hidden_by_massive_outputs():
+    """One token per sequence carries an output 1000 times larger and quantizes exactly.
+
+    The energy QS is then dominated by that token and looks tiny, while the position QS is the
+    mean relative error over all tokens, as a reference computed token by token shows.
+    """
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        # Column 0 holds each row's absmax, so int4 (one group of 128) represents it exactly.
+        layer.weight[:, 0] = 2 * layer.weight.abs().amax(dim=1)
+    batches = []
+    for _ in range(3):
+        tokens = torch.randn(4, 32, 128)
+        tokens[:, 0, :] = 0.0
+        tokens[:, 0, 0] = 1000.0  # the massive token reads only the exact column
+        batches.append(tokens)
+    model = nn.Sequential(layer)
+
+    scores = {}
+    for normalization in ("energy", "position"):
+        result = rayq.compress(model, batches, schemes=["int4"], clip_search=False,
+                               qs_normalization=normalization)
+        scores[normalization] = result.sensitivity.to_pylist()[0]["qs"]
+
+    quantized = reference_dequantize(layer.weight.detach(), "rows", 1, "int4")
+    ratios = []
+    for tokens in batches:
+        reference = tokens.double() @ layer.weight.detach().double().T
+        error = tokens.double() @ quantized.double().T - reference
+        ratios.append(error.pow(2).sum(-1) / reference.pow(2).sum(-1))
+    ratios = torch.cat([r.reshape(-1) for r in ratios])
+    assert float(ratios.reshape(3 * 4, 32)[:, 0].abs().max()) == 0.0
+    # The layer runs in float32 in rayq and float64 here; 1e-4 covers that rounding.
+    assert scores["position"] == pytest.approx(float(ratios.mean()), rel=1e-4)
+    assert scores["energy"] < scores["position"] / 100
+
+
+def test_position_normalization_degenerate_positions():
+    """A position whose output is zero: no error gives 0, an error over it gives +inf."""
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
+    exact = [torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 5.0, 5.0]])]
+    result = rayq.compress(nn.Sequential(layer), exact, schemes=["int8"],
+                           qs_normalization="position")
+    assert result.sensitivity.to_pylist()[0]["qs"] == 0.0
+
+    # 1 + 2 * 0.125 - 1.25 is exactly 0, but int8 codes 102, 13 and -127 (scale 1.25 / 127) sum
+    # to one step: an error over a zero output.
+    zero_output = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        zero_output.weight.copy_(torch.tensor([[1.0, 0.125, -1.25]]))
+    lost = [torch.tensor([[1.0, 2.0, 1.0]])]
+    result = rayq.compress(nn.Sequential(zero_output), lost, schemes=["int8"], clip_search=False,
+                           qs_normalization="position")
+    assert result.sensitivity.to_pylist()[0]["qs"] == math.inf

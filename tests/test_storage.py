@@ -101,8 +101,9 @@ def test_s3_and_local_runs_hold_same_bytes(result, s3_bucket, tmp_path):
     assert s3_manifest["config"]["output"] == s3_uri
 
     expected = {"model/model.safetensors", "model/quant_config.json", "sensitivity.parquet",
-                "plan.parquet", "thresholds.parquet", "summary.txt"}
-    assert expected <= set(s3_manifest["files"])
+                "plan.parquet", "thresholds.parquet", "summary.txt", "sensitivity.png",
+                "thresholds.png", "report.html"}
+    assert set(s3_manifest["files"]) == expected
     for path, entry in s3_manifest["files"].items():
         s3_bytes = s3_object(s3_bucket, f"runs/tiny/{path}")
         local_bytes = (local_dir / path).read_bytes()

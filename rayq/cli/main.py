@@ -1,4 +1,4 @@
-"""`rayq`: compress a model; re-plan, fine-tune or report a finished run.
+"""`rayq`: compress a model or a fleet of models; re-plan, fine-tune or report a finished run.
 
 Exit codes: 0 success, 2 invalid input (the message names the value and the fix), 1 a run that
 failed, 130 interrupted.
@@ -50,6 +50,10 @@ def _compress_parser(sub) -> None:
                    help="local (default): score each layer on its own output in one float pass; "
                    "end_to_end: also quantize one layer at a time and score the whole model's "
                    "output (one model pass per layer, scheme and batch), and plan with those")
+    p.add_argument("--qs-normalization", choices=["energy", "position"],
+                   help="energy (default): QS is error energy over signal energy of all outputs; "
+                   "position: the mean over output positions (tokens, pixels) of each one's "
+                   "relative error, so that a few huge outputs cannot hide the error elsewhere")
     p.add_argument("--batch-size", type=int, help="samples per calibration batch (default 16)")
     p.add_argument("--max-batches", type=int, help="use at most this many calibration batches")
     p.add_argument("--max-length", type=int, help="tokens per text sample, at most (default 128)")
@@ -61,6 +65,9 @@ def _compress_parser(sub) -> None:
                    "cluster has GPUs, else 0)")
     p.add_argument("--max-restarts", type=int, help="times a dead worker is replaced before the "
                    "run fails (default 2)")
+    p.add_argument("--weight-cap-bytes", type=int, help="bytes of model weights one worker may "
+                   "hold; a Hugging Face causal LM with more is scored and built block by block "
+                   "(default: half a worker's GPU memory, or a quarter of its node's memory)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace a finished run at the output location")
     p.add_argument("--dry-run", action="store_true", help="validate the job, load the model, read "
@@ -73,10 +80,14 @@ def _plan_parser(sub) -> None:
                        description="Re-plan a finished run from its stored scores with no scoring "
                        "pass; the new model runs only on the held-out batches to measure its "
                        "error.", epilog="example:\n  rayq plan runs/minilm --threshold 0.001 "
-                       "--output runs/minilm-0.001\n",
+                       "--output runs/minilm-0.001\nexample, with int8 as the only candidate:\n"
+                       "  rayq plan runs/minilm --threshold 0.005 --schemes int8 "
+                       "--output runs/minilm-int8\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("location", help="a finished run: folder, file://PATH or s3://BUCKET/PREFIX")
     p.add_argument("--threshold", required=True, help="new sensitivity threshold, a number >= 0")
+    p.add_argument("--schemes", help="comma-separated candidate schemes for the new plan, among "
+                   "those the run scored (default: the run's own candidates)")
     p.add_argument("--output", help="where to write the new run (default: replace LOCATION, which "
                    "needs --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run at the output")
@@ -139,12 +150,41 @@ def _finetune_parser(sub) -> None:
 
 
 def _report_parser(sub) -> None:
-    p = sub.add_parser("report", help="print a finished run's tables",
+    p = sub.add_parser("report", help="print a finished run's tables, write its page",
                        description="Verify a finished run's checksums and print its threshold "
-                       "guidance and plan.", epilog="example:\n  rayq report runs/minilm\n",
+                       "guidance and plan; optionally write its HTML page or PNG pictures.",
+                       epilog="example:\n  rayq report runs/minilm\n"
+                       "  rayq report s3://bucket/runs/minilm --html minilm.html\n"
+                       "  rayq report runs/minilm --pictures pictures/\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("location", help="a finished run: folder, file://PATH or s3://BUCKET/PREFIX")
+    p.add_argument("--html", metavar="FILE", help="write the run's self-contained report page "
+                   "(charts and tables, no network needed to view it) to this local file")
+    p.add_argument("--pictures", metavar="FOLDER", help="draw sensitivity.png and thresholds.png "
+                   "into this local folder (needs matplotlib)")
     p.set_defaults(handler=commands.report)
+
+
+def _zoo_parser(sub) -> None:
+    p = sub.add_parser("zoo", help="compress a fleet of models from one file",
+                       description="Compress every model of a fleet file on the Ray cluster, "
+                       "several at once, each into OUTPUT/NAME. A model whose finished run has "
+                       "the same fingerprint (weights, data, settings) is skipped; a model that "
+                       "fails is recorded and the others go on. Writes OUTPUT/fleet.parquet and "
+                       "prints the fleet table. Exit code 1 if any model failed.",
+                       epilog="example:\n  rayq zoo jobs/zoo.yaml\n  rayq zoo jobs/zoo.yaml "
+                       "--output s3://models/nightly --force\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("fleet", help="YAML fleet file with output, defaults and models")
+    p.add_argument("--output", help="output root, overriding the file's output: folder, "
+                   "file://PATH or s3://BUCKET/PREFIX")
+    p.add_argument("--force", action="store_true", help="compress every model again, even "
+                   "those whose inputs are unchanged")
+    p.add_argument("--parallel", type=int, help="models compressed at once (default: as many as "
+                   "the cluster's resources hold)")
+    p.add_argument("--address", help="Ray cluster address to join (default: RAY_ADDRESS, else a "
+                   "local Ray instance on 127.0.0.1)")
+    p.set_defaults(handler=commands.zoo)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -157,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
     _plan_parser(sub)
     _finetune_parser(sub)
     _report_parser(sub)
+    _zoo_parser(sub)
     return root
 
 

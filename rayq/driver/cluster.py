@@ -37,3 +37,29 @@ def node_resources() -> list[dict[str, float]]:
     import ray
 
     return [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
+
+
+def shutdown(delete_spilled: bool) -> list[str]:
+    """Shut Ray down; with `delete_spilled`, delete the local instance's spilled objects.
+
+    Ray spills objects that do not fit the object store into `ray_spilled_objects*` folders of
+    the session directory, which outlive the instance when a worker dies before deleting them.
+    Returns the folders removed. Pass `delete_spilled` only for a local instance that this
+    process started, never for a cluster it joined.
+    """
+    import glob
+    import shutil
+
+    import ray
+
+    session = None
+    if delete_spilled and ray.is_initialized():
+        # NOTE: a private attribute of Ray 2.60; without it only the spill cleanup is skipped.
+        node = getattr(ray._private.worker, "_global_node", None)
+        session = node.get_session_dir_path() if node is not None else None
+    ray.shutdown()
+    removed = []
+    for path in glob.glob(os.path.join(session, "ray_spilled_objects*")) if session else []:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed

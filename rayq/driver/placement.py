@@ -47,7 +47,7 @@ def check_placement(request: WorkerRequest, nodes: list[dict[str, float]]) -> No
     if request.gpus > 1 and _units(request.gpus) % _units(1):
         raise ConfigError(f"invalid GPUs per worker {request.gpus:g}: Ray takes a fraction below 1 "
                           "or a whole number; set --worker-gpus to such a value")
-    capacity = sum(min(_fit_cpus(node, request), _fit_gpus(node, request)) for node in nodes)
+    capacity = worker_capacity(request, nodes)
     if capacity >= request.workers:
         return
     total_cpu = sum(n.get("CPU", 0) for n in nodes)
@@ -57,6 +57,12 @@ def check_placement(request: WorkerRequest, nodes: list[dict[str, float]]) -> No
         f"{total_gpu:g} GPUs over {len(nodes)} node(s), room for {capacity} such workers. "
         "Lower the workers or the resources per worker (--workers, --worker-cpus, "
         "--worker-gpus; worker_cpus and worker_gpus in Python).")
+
+
+def worker_capacity(request: WorkerRequest, nodes: list[dict[str, float]]) -> int:
+    """Return how many workers of the request's size the nodes hold at once (at most `workers`
+    per node when a worker takes no CPU or GPU)."""
+    return sum(min(_fit_cpus(node, request), _fit_gpus(node, request)) for node in nodes)
 
 
 def _units(amount: float) -> int:

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from rayq import progress
-from rayq.config import ExecutionSettings, QuantizationSettings, quantization_settings
+from rayq.config import (ExecutionSettings, QuantizationSettings, execution_settings,
+                         quantization_settings)
 from rayq.engine import build, tables, thresholds
 from rayq.engine.evaluate import Fidelity, measure, reference_outputs
-from rayq.errors import DataError, ModelError
+from rayq.errors import ConfigError, DataError, ModelError
 from rayq.model import folding
 from rayq.model.layers import FloatModule, LayerSpec, find_layers
 from rayq.planning.plan import Decision, LayerScore, Pin, check_pins, make_plan
@@ -55,6 +56,7 @@ class InProcessBackend:
         self.layers = layers
         self.schemes = by_compression(settings.schemes)
         self.clip_search = settings.clip_search
+        self.per_position = settings.qs_normalization == "position"
         self._bank: WeightBank | None = None
 
     @property
@@ -70,7 +72,7 @@ class InProcessBackend:
     def qs_sums(self, batches, activations):
         with progress.phase("qs sums", len(batches)) as advance:
             return score_batches(self.model, self.layers, self.schemes, self.bank, activations,
-                                 batches, advance)
+                                 batches, advance, per_position=self.per_position)
 
     def end_to_end_sums(self, batches, activations, layer_names: list[str] | None = None):
         layers = self.layers if layer_names is None else [
@@ -188,14 +190,18 @@ class CompressResult:
         row = chosen[0]
         return Fidelity(row["relative_error"], row["cosine_mean"], row["cosine_min"])
 
-    def replan(self, threshold: float, evaluate: bool = False) -> "CompressResult":
+    def replan(self, threshold: float, evaluate: bool = False,
+               schemes: Iterable[str] | None = None) -> "CompressResult":
         """Plan again at `threshold` from the stored scores, with no scoring pass.
 
-        The model runs only when `evaluate` is true, to measure the new plan on the held-out
-        batches; otherwise the error columns are taken from an equal plan of the ladder or left
-        empty.
+        `schemes` narrows the candidates to some of the scored schemes. The model runs only when
+        `evaluate` is true, to measure the new plan on the held-out batches; otherwise the error
+        columns are taken from an equal plan of the ladder or left empty.
         """
-        settings = self.settings.model_copy(update={"threshold": threshold})
+        update = {"threshold": threshold}
+        if schemes is not None:
+            update["schemes"] = check_scored_schemes(list(schemes), self.scores.schemes)
+        settings = self.settings.model_copy(update=update)
         settings = quantization_settings(**settings.model_dump())
         return finish(self.float_model, self.scores, settings, self.folded, self.evaluation,
                       self.references, self.in_sample, evaluate=evaluate, previous=self)
@@ -253,7 +259,7 @@ def _ray_backend_factory(model: nn.Module, source: dict | None, workers: int, ad
     from rayq.driver.backend import RayBackend
 
     fault = execution.pop("fault", None)  # testing hook, see rayq.driver.worker
-    settings = ExecutionSettings(workers=workers, address=address, **execution)
+    settings = execution_settings(workers=workers, address=address, **execution)
     cluster.connect(address)
     payload = {"source": source} if source else {"module": model}
 
@@ -312,8 +318,10 @@ def finish(float_model: nn.Module, scores: Scores, settings: QuantizationSetting
     sizes = {layer.name: tables.layer_bytes(float_model, layer) for layer in scores.layers}
     float_bytes = tables.state_bytes(float_model)
 
+    candidates = [scheme for scheme in scores.schemes if scheme in settings.schemes]
+
     def plan_for(threshold: float) -> list[Decision]:
-        return make_plan(layer_scores, scores.schemes, threshold, pins)
+        return make_plan(layer_scores, candidates, threshold, pins)
 
     def build_for(decisions: list[Decision]) -> nn.Module:
         return build.build_compressed(float_model, scores.layers, decisions, scores.activations,
@@ -330,8 +338,11 @@ def finish(float_model: nn.Module, scores: Scores, settings: QuantizationSetting
     def bytes_for(candidate: list[Decision]) -> int:
         return tables.model_bytes(float_bytes, scores.layers, candidate, sizes)
 
-    known_table = known_thresholds if known_thresholds is not None else (
-        previous.thresholds if previous is not None else None)
+    known_table = known_thresholds
+    # A table planned with other candidates holds errors of other plans, so it is not reused.
+    if known_table is None and previous is not None and (
+            set(previous.settings.schemes) == set(settings.schemes)):
+        known_table = previous.thresholds
     known = _known_fidelities(known_table, plan_for)
     ladder = thresholds.ladder_with(settings.threshold)
     started = time.perf_counter()
@@ -351,6 +362,16 @@ def finish(float_model: nn.Module, scores: Scores, settings: QuantizationSetting
         decisions=decisions, evaluation=evaluation, references=references, in_sample=in_sample,
         workers=list(previous.workers) if previous else [],
     )
+
+
+def check_scored_schemes(schemes: list[str], scored: list[str]) -> list[str]:
+    """Candidates for a new plan must be among the schemes the stored scores cover."""
+    missing = [scheme for scheme in schemes if scheme not in scored]
+    if missing or not schemes:
+        raise ConfigError(f"schemes {schemes} cannot be planned from these scores, which cover "
+                          f"{scored}; choose one or more of those, or compress again with the "
+                          "schemes you need")
+    return schemes
 
 
 def _known_fidelities(table: pa.Table | None, plan_for) -> dict[tuple, Fidelity]:

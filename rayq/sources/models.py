@@ -84,7 +84,7 @@ def load_source(source: dict, trust_code: bool = True) -> LoadedModel:
     if kind == "huggingface":
         return _load_folder(source["path"], source)
     if kind == "package":
-        return _load_folder(str(_package_folder(source["package"])), source)
+        return _load_folder(str(package_folder(source["package"])), source)
     if kind == "python":
         if not trust_code:
             raise ModelError(f"this run's model comes from the Python factory {source['factory']!r}; "
@@ -94,7 +94,24 @@ def load_source(source: dict, trust_code: bool = True) -> LoadedModel:
     raise ModelError(f"unknown model source {source!r}")
 
 
-def _package_folder(package: str) -> Path:
+def model_folder(source: dict) -> str | None:
+    """Return the Hugging Face model folder of a source, or None for a Python factory."""
+    if source.get("kind") == "huggingface":
+        return source["path"]
+    if source.get("kind") == "package":
+        return str(package_folder(source["package"]))
+    return None
+
+
+def load_tokenizer(path: str):
+    """Load the tokenizer of a model folder; return None when the folder has none."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return _load_tokenizer(AutoTokenizer, path, required=False)
+
+
+def package_folder(package: str) -> Path:
     module = importlib.import_module(package)
     for attribute in ("get_model_path", "model_path"):
         getter = getattr(module, attribute, None)
@@ -109,13 +126,21 @@ def _package_folder(package: str) -> Path:
 def _load_folder(path: str, source: dict) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from rayq.sources.decoder import is_decoder_folder
+
+    causal = is_decoder_folder(path)
+    # A causal LM keeps its output head (lm_head), which is one of its largest layers.
+    loader = AutoModelForCausalLM if causal else AutoModel
     try:
-        transformer = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        transformer = loader.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the Hugging Face model in {path!r}: {exc}") from None
+    tokenizer = _load_tokenizer(AutoTokenizer, path, required=not causal)
+    if causal:
+        # The key/value cache serves generation; calibration passes only cost memory with it.
+        transformer.config.use_cache = False
     transformer.eval()
     modules = Path(path) / "modules.json"
     if modules.is_file():
@@ -124,6 +149,18 @@ def _load_folder(path: str, source: dict) -> LoadedModel:
             normalize = any(k.endswith("Normalize") for k in kinds)
             return LoadedModel(SentenceEmbedder(transformer, normalize).eval(), tokenizer, source)
     return LoadedModel(transformer, tokenizer, source)
+
+
+def _load_tokenizer(auto_tokenizer, path: str, required: bool):
+    """Load the folder's tokenizer; a causal LM folder without one (weights only) gets None."""
+    try:
+        return auto_tokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        if required:
+            raise ModelError(f"cannot load the tokenizer of the Hugging Face model in {path!r}: "
+                             f"{exc}") from None
+        logger.info("no tokenizer in %s; calibration data must be token ids", path)
+        return None
 
 
 def _load_factory(source: dict) -> LoadedModel:

@@ -97,22 +97,35 @@ def _empty_weight(entry: dict) -> QuantizedWeight:
                            torch.ones(rows, groups, dtype=torch.float32))
 
 
-def load_model_files(weights: bytes, config: dict, model: nn.Module) -> nn.Module:
-    """Load saved tensors into a copy of a float model of the same architecture."""
+def load_model_files(weights: bytes | list[bytes], config: dict, model: nn.Module) -> nn.Module:
+    """Load saved tensors into a copy of a float model of the same architecture.
+
+    `weights` is one safetensors file, or the files of a model written block by block, which
+    together hold every tensor.
+    """
     model = copy.deepcopy(model).eval()
     restore_structure(model, config)
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
-        handle.write(weights)
-        handle.flush()
-        try:
-            missing, unexpected = safetensors.torch.load_model(model, handle.name, strict=False)
-        except (RuntimeError, ValueError) as exc:
-            raise StorageError(f"the saved model does not fit the given architecture: {exc}") from None
+    missing: set[str] | None = None
+    unexpected: set[str] = set()
+    for data in [weights] if isinstance(weights, bytes) else weights:
+        file_missing, file_unexpected = _load_file(model, data)
+        missing = set(file_missing) if missing is None else missing & set(file_missing)
+        unexpected |= set(file_unexpected)
     if missing or unexpected:
         raise StorageError("the saved model does not fit the given architecture: "
-                           f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+                           f"missing {sorted(missing or [])[:5]}, unexpected {sorted(unexpected)[:5]}")
     _check_input_buffers(model, config)
     return model
+
+
+def _load_file(model: nn.Module, data: bytes) -> tuple[list[str], list[str]]:
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+        handle.write(data)
+        handle.flush()
+        try:
+            return safetensors.torch.load_model(model, handle.name, strict=False)
+        except (RuntimeError, ValueError) as exc:
+            raise StorageError(f"the saved model does not fit the given architecture: {exc}") from None
 
 
 def _check_input_buffers(model: nn.Module, config: dict) -> None:

@@ -1,4 +1,4 @@
-"""A run on storage: model, tables, summary and manifest, written safely, with the manifest last.
+"""A run on storage: model, tables, pictures, summary and manifest, written safely, manifest last.
 
 A local run is written into a hidden staging folder beside the target and renamed into place, so
 a location never contains files of two runs and an interrupted write leaves nothing behind. On S3,
@@ -37,7 +37,9 @@ from torch import nn
 
 from rayq.engine.summary import summary_text
 from rayq.errors import StorageError
+from rayq.report import picture_files, run_title
 from rayq.storage import model_io, s3_write
+from rayq.storage.files import LocalFile, sha256_of
 from rayq.storage.location import Location, parse_location
 from rayq.storage.retry import StorageWriteFailed
 
@@ -69,20 +71,41 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def run_files(result, source: dict | None) -> dict[str, bytes]:
-    """Return every file of a run except the manifest, as bytes keyed by relative path."""
-    files = {}
-    with tempfile.TemporaryDirectory() as folder:
-        model_io.save_model(result.model, folder, result.folded, source)
-        for name in (model_io.WEIGHTS_FILE, model_io.CONFIG_FILE):
-            with open(os.path.join(folder, name), "rb") as handle:
-                files[f"model/{name}"] = handle.read()
+    """Return every file of a run except the manifest, as bytes keyed by relative path.
+
+    The pictures come from the tables alone; without matplotlib the PNGs are left out (with a
+    WARNING) and the tables and `report.html` are still written.
+    """
+    if getattr(result, "model_folder", None):
+        files = _streamed_model_files(result.model_folder, source)
+    else:
+        files = {}
+        with tempfile.TemporaryDirectory() as folder:
+            model_io.save_model(result.model, folder, result.folded, source)
+            for name in (model_io.WEIGHTS_FILE, model_io.CONFIG_FILE):
+                with open(os.path.join(folder, name), "rb") as handle:
+                    files[f"model/{name}"] = handle.read()
     for name in TABLES:
         files[f"{name}.parquet"] = _parquet_bytes(getattr(result, name))
     files["summary.txt"] = summary_text(result.thresholds, result.plan).encode()
+    files.update(picture_files(result.sensitivity, result.plan, result.thresholds,
+                               run_title(source)))
     return files
 
 
-def manifest_for(files: dict[str, bytes], config: dict, workers: list[dict],
+def _streamed_model_files(folder: str, source: dict | None) -> dict[str, bytes | LocalFile]:
+    """Collect the model files a block-by-block build wrote to disk, recording the source."""
+    with open(os.path.join(folder, model_io.CONFIG_FILE)) as handle:
+        config = json.load(handle)
+    config["source"] = source
+    files: dict[str, bytes | LocalFile] = {
+        f"model/{model_io.CONFIG_FILE}": json.dumps(config, indent=2).encode()}
+    for name in config["weight_files"]:
+        files[f"model/{name}"] = LocalFile(os.path.join(folder, name))
+    return files
+
+
+def manifest_for(files: dict[str, bytes | LocalFile], config: dict, workers: list[dict],
                  extra: dict | None = None) -> dict:
     return {
         "format_version": RUN_FORMAT_VERSION,
@@ -90,7 +113,7 @@ def manifest_for(files: dict[str, bytes], config: dict, workers: list[dict],
         "config": config,
         "versions": package_versions(),
         "workers": workers,
-        "files": {path: {"size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        "files": {path: {"size_bytes": len(data), "sha256": sha256_of(data)}
                   for path, data in sorted(files.items())},
         **(extra or {}),
     }
@@ -141,7 +164,7 @@ def _check_bucket_exists(loc: Location) -> None:
                            "the bucket or correct its name")
 
 
-def _write_local(loc: Location, files: dict[str, bytes]) -> None:
+def _write_local(loc: Location, files: dict[str, bytes | LocalFile]) -> None:
     try:
         _write_staged(loc.root, files)
     except OSError as exc:
@@ -153,7 +176,7 @@ def _write_local(loc: Location, files: dict[str, bytes]) -> None:
                            "you can write to.") from exc
 
 
-def _write_staged(target: str, files: dict[str, bytes]) -> None:
+def _write_staged(target: str, files: dict[str, bytes | LocalFile]) -> None:
     parent = os.path.dirname(target) or "."
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{os.path.basename(target)}.rayq-{uuid.uuid4().hex[:8]}")
@@ -161,6 +184,9 @@ def _write_staged(target: str, files: dict[str, bytes]) -> None:
         for path, data in files.items():
             full = os.path.join(staging, path)
             os.makedirs(os.path.dirname(full), exist_ok=True)
+            if isinstance(data, LocalFile):
+                shutil.copyfile(data.path, full)
+                continue
             with open(full, "wb") as handle:
                 handle.write(data)
         if os.path.exists(target):
@@ -225,7 +251,9 @@ def open_run(location: str | Location) -> StoredRun:
 def load_run_model(run: StoredRun, model: nn.Module | None = None, trust_code: bool = False) -> nn.Module:
     """Rebuild the compressed module of a stored run."""
     config = json.loads(run.read(f"model/{model_io.CONFIG_FILE}"))
-    weights = run.read(f"model/{model_io.WEIGHTS_FILE}")
+    # A model built block by block is stored as one safetensors file per block.
+    names = config.get("weight_files", [model_io.WEIGHTS_FILE])
+    weights = [run.read(f"model/{name}") for name in names]
     if model is None:
         from rayq.sources.models import load_source
 

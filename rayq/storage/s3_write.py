@@ -13,7 +13,6 @@ write started are aborted, found by the ids in this client's CreateMultipartUplo
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import threading
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from rayq.errors import StorageError
 from rayq.storage import retry
+from rayq.storage.files import LocalFile, open_data
 from rayq.storage.location import Location, s3_client
 from rayq.storage.retry import StorageWriteFailed, call_with_retries, describe_error, is_transient
 
@@ -37,7 +37,7 @@ TRANSFER = TransferConfig(multipart_threshold=8 * MIB, multipart_chunksize=8 * M
                           max_concurrency=8)
 
 
-def write_files(loc: Location, files: dict[str, bytes], manifest_path: str) -> None:
+def write_files(loc: Location, files: dict[str, bytes | LocalFile], manifest_path: str) -> None:
     """Upload `files` in order, `manifest_path` last, after deleting the old manifest first.
 
     Old files under the location that the new run does not replace are deleted too. Raises
@@ -52,6 +52,16 @@ def write_files(loc: Location, files: dict[str, bytes], manifest_path: str) -> N
         _retire_previous_run(client, loc, set(files), manifest_path, policy)
         for path in ordered:
             _upload(client, loc, path, files[path], uploads, policy)
+    finally:
+        uploads.abort_failed(client)
+
+
+def put_file(loc: Location, path: str, data: bytes) -> None:
+    """Upload one file under `loc`, retried through transient failures like a run's files."""
+    client = s3_client()
+    uploads = _MultipartUploads(client)
+    try:
+        _upload(client, loc, path, data, uploads, retry.UPLOAD_RETRY)
     finally:
         uploads.abort_failed(client)
 
@@ -106,13 +116,13 @@ def _list_keys(client, bucket: str, folder: str) -> list[str]:
     return keys
 
 
-def _upload(client, loc: Location, path: str, data: bytes, uploads: "_MultipartUploads",
+def _upload(client, loc: Location, path: str, data: bytes | LocalFile, uploads: "_MultipartUploads",
             policy: retry.RetryPolicy) -> None:
     bucket, key = loc.bucket_and_key(path)
 
     def attempt() -> None:
-        with uploads.watch():
-            client.upload_fileobj(io.BytesIO(data), bucket, key, Config=TRANSFER)
+        with uploads.watch(), open_data(data) as stream:
+            client.upload_fileobj(stream, bucket, key, Config=TRANSFER)
 
     _call(attempt, f"upload of {_uri(loc, path)}", loc, policy)
     logger.debug("uploaded %s (%d bytes)", _uri(loc, path), len(data))
