@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayq.errors import ConfigError
 from rayq.quant.schemes import FLOAT, SCHEMES
@@ -132,6 +132,90 @@ class JobConfig(QuantizationSettings, ExecutionSettings):
         return ExecutionSettings(**{k: getattr(self, k) for k in ExecutionSettings.model_fields})
 
 
+class FinetuneSettings(BaseModel):
+    """Settings of `rayq finetune`: quantization-aware fine-tuning of a finished run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(
+        None, ge=1, description="Optimizer steps. Default: `epochs` passes over the training "
+        "batches. Give steps or epochs, not both.")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training batches, split over the workers; "
+        "fractions allowed. Default 1 when `steps` is not given.")
+    learning_rate: float = Field(
+        1e-4, gt=0, description="AdamW learning rate of every trained parameter. Default 1e-4.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Samples per step on each worker, at most the run's calibration "
+        "batch size: each calibration batch is cut into pieces of this size. Default: the run's "
+        "calibration batch size.")
+    workers: int | None = Field(
+        None, ge=1, description="Ray Train data-parallel workers. Default: train in the calling "
+        "process without Ray.")
+    worker_gpus: float | None = Field(
+        None, ge=0, description="GPUs per Ray Train worker. Default: 1 where the cluster has "
+        "GPUs, else 0.")
+    address: str | None = Field(
+        None, description="Ray cluster address to join with `workers` (or set RAY_ADDRESS). "
+        "Default: start a local Ray instance on 127.0.0.1.")
+    checkpoint_every: int = Field(
+        50, ge=1, description="Steps between checkpoints under OUTPUT/checkpoints. Default 50; "
+        "the last step is always checkpointed.")
+    max_failures: int = Field(
+        2, ge=0, description="Times a Ray Train job restarts from its last checkpoint after a "
+        "worker dies before it fails. Default 2.")
+    learn_scales: bool = Field(
+        False, description="Train the float32 scales of quantized weights too (LSQ-style "
+        "gradient); the integer grid stays. Default false.")
+    loss: str = Field(
+        "distill", description="distill (default): relative squared error between the model's "
+        "float outputs and the float model's on the same batch. mse or cross_entropy: between "
+        "the first float output and the labels. module:function: a function (outputs, targets) "
+        "returning a scalar tensor, with targets the float model's outputs or the labels.")
+    data: str | None = Field(
+        None, description="Training data: a .parquet file (local or s3://) whose columns are "
+        "keyword arguments of the model's forward. Default: the run's calibration data.")
+    label_column: str | None = Field(
+        None, description="Column of `data` that holds the labels; it is not passed to the "
+        "model. Needs `data` and a loss other than distill.")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value):
+        if value in BUILTIN_LOSSES:
+            return value
+        module, sep, function = value.partition(":")
+        if not sep or not module or not function or ":" in function:
+            raise ValueError(f"expected one of {', '.join(BUILTIN_LOSSES)} or "
+                             "package.module:function")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        if self.label_column is not None and self.data is None:
+            raise ValueError("label_column needs data, a .parquet file with that column")
+        if self.label_column is not None and self.loss == "distill":
+            raise ValueError("labels need a loss other than distill: mse, cross_entropy or "
+                             "module:function")
+        if self.label_column is None and self.loss in ("mse", "cross_entropy"):
+            raise ValueError(f"loss {self.loss} needs labels: give data and label_column")
+        if self.data is not None and not self.data.lower().endswith(".parquet"):
+            raise ValueError(f"data {self.data!r} must be a .parquet file")
+        return self
+
+
+BUILTIN_LOSSES = ("distill", "mse", "cross_entropy")
+
+
+def finetune_settings(source: str = "finetune() arguments", **values) -> FinetuneSettings:
+    try:
+        return FinetuneSettings(**values)
+    except ValidationError as exc:
+        raise format_validation_error(exc, source) from None
+
+
 def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
     """Turn pydantic's errors into one ConfigError with a line per field: path, value, rule."""
     problems = []
@@ -145,6 +229,10 @@ def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
             continue
         value = error.get("input")
         message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:
+            # A rule across fields: the input is the whole mapping, so name the rule alone.
+            problems.append(message)
+            continue
         problems.append(f"{path}: invalid value {value!r}: {message}")
     return ConfigError(f"invalid settings in {source}", problems)
 
@@ -251,6 +339,6 @@ def quantization_settings(**values) -> QuantizationSettings:
         raise format_validation_error(exc, "compress() arguments") from None
 
 
-__all__ = ["EXECUTION_ONLY", "FLOAT", "ExecutionSettings", "FleetConfig", "FleetEntry", "JobConfig",
-           "PinSetting", "QuantizationSettings", "execution_settings", "format_validation_error",
-           "load_fleet", "quantization_settings"]
+__all__ = ["EXECUTION_ONLY", "FLOAT", "ExecutionSettings", "FinetuneSettings", "FleetConfig",
+           "FleetEntry", "JobConfig", "PinSetting", "QuantizationSettings", "execution_settings",
+           "finetune_settings", "format_validation_error", "load_fleet", "quantization_settings"]

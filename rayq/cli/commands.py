@@ -272,8 +272,12 @@ def report(args: argparse.Namespace) -> int:
     run = open_run(args.location)
     run.verify()
     print(run.read("summary.txt").decode(), end="")
-    origin = (f"re-planned from {run.manifest['parent']}" if run.manifest.get("parent")
-              else _count(len(run.manifest["workers"]), "worker"))
+    if run.manifest.get("finetune"):
+        origin = f"fine-tuned from {run.manifest['parent']}"
+    elif run.manifest.get("parent"):
+        origin = f"re-planned from {run.manifest['parent']}"
+    else:
+        origin = _count(len(run.manifest["workers"]), "worker")
     print(f"run: {run.location.uri} (rayq {run.manifest['versions'].get('rayq', '?')}, {origin})")
     if args.html:
         _write_page(run, args.html)
@@ -381,4 +385,22 @@ def plan(args: argparse.Namespace) -> int:
                                  "overwrite": args.overwrite})
     _write_and_print(result, job, target, source, started,
                      extra={"parent": run.location.uri, "parent_threshold": run.manifest["config"].get("threshold")})
+    return 0
+
+
+FINETUNE_FLAGS = ("steps", "epochs", "learning_rate", "batch_size", "workers", "worker_gpus",
+                  "address", "checkpoint_every", "max_failures", "learn_scales", "loss", "data",
+                  "label_column")
+
+
+def finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a finished run into a new run and print the fidelity before and after."""
+    import rayq
+    from rayq.finetune.job import finetune_text
+
+    settings = {name: getattr(args, name) for name in FINETUNE_FLAGS if getattr(args, name) is not None}
+    result = rayq.finetune(args.location, args.output, trust_code=args.trust_code,
+                           overwrite=args.overwrite, **settings)
+    print(finetune_text(result).strip())
+    print(f"wrote {result.location.uri} in {result.seconds:.0f} s")
     return 0

@@ -1,4 +1,4 @@
-"""`rayq`: compress a model or a fleet of models, re-plan or report a finished run.
+"""`rayq`: compress a model or a fleet of models; re-plan, fine-tune or report a finished run.
 
 Exit codes: 0 success, 2 invalid input (the message names the value and the fix), 1 a run that
 failed, 130 interrupted.
@@ -96,6 +96,59 @@ def _plan_parser(sub) -> None:
     p.set_defaults(handler=commands.plan)
 
 
+FINETUNE_EXAMPLE = """examples:
+  rayq finetune runs/minilm-0.1 --output runs/minilm-0.1-ft --steps 200 --learning-rate 1e-4
+  rayq finetune runs/minilm-0.1 --output runs/minilm-0.1-ft --epochs 2 --workers 2
+
+The default objective is distillation: the relative squared error between the compressed
+model's float outputs and the float model's, on the run's calibration batches (the held-out
+batches stay out of training). Checkpoints go to OUTPUT/checkpoints while the job runs; running
+the same command again after an interruption resumes from the latest one. They are removed once
+the new run is written.
+"""
+
+
+def _finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a finished run with quantization in the loop",
+                       description="Fine-tune the compressed model of a finished run with "
+                       "quantization-aware training (quantized weights keep their integer grid; "
+                       "gradients pass the rounding straight through) and write it as a new run "
+                       "that records its parent. The parent run is never modified. Prints the "
+                       "held-out fidelity before and after.",
+                       epilog=FINETUNE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("location", help="a finished run: folder, file://PATH or s3://BUCKET/PREFIX")
+    p.add_argument("--output", required=True, help="where to write the new run (a folder, "
+                   "file://PATH or s3://BUCKET/PREFIX); must differ from LOCATION")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes)")
+    p.add_argument("--epochs", type=float, help="passes over the training batches, shared by "
+                   "the workers; fractions allowed (default 1 unless --steps is given)")
+    p.add_argument("--learning-rate", type=float, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, help="samples per step on each worker, at most the "
+                   "run's calibration batch size (default: that batch size)")
+    p.add_argument("--workers", type=int, help="Ray Train data-parallel workers, 1 CPU each "
+                   "(default: train in this process without Ray)")
+    p.add_argument("--worker-gpus", type=float, help="GPUs per Ray Train worker (default 1 where "
+                   "the cluster has GPUs, else 0)")
+    p.add_argument("--address", help="Ray cluster to join with --workers (default: RAY_ADDRESS, "
+                   "else a local Ray instance on 127.0.0.1)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 50; "
+                   "the last step is always checkpointed)")
+    p.add_argument("--max-failures", type=int, help="restarts of a Ray Train job from its last "
+                   "checkpoint after a worker dies (default 2)")
+    p.add_argument("--learn-scales", action="store_true", default=None, help="train the float32 "
+                   "scales of quantized weights too (LSQ-style gradient); codes stay integers")
+    p.add_argument("--loss", help="distill (default), mse or cross_entropy (these two need "
+                   "--label-column), or package.module:function taking (outputs, targets) and "
+                   "returning a scalar tensor; the named module is imported, which runs its code")
+    p.add_argument("--data", help="labelled training data: a .parquet file whose columns are the "
+                   "model's keyword arguments (default: the run's calibration data)")
+    p.add_argument("--label-column", help="column of --data that holds the labels")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run at the output")
+    p.add_argument("--trust-code", action="store_true", help="allow importing the run's "
+                   "python: model factory; importing runs code")
+    p.set_defaults(handler=commands.finetune)
+
+
 def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="print a finished run's tables, write its page",
                        description="Verify a finished run's checksums and print its threshold "
@@ -142,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
     _compress_parser(sub)
     _plan_parser(sub)
+    _finetune_parser(sub)
     _report_parser(sub)
     _zoo_parser(sub)
     return root

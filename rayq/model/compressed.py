@@ -23,8 +23,9 @@ from torch.nn.utils import parametrize
 from rayq.quant.activations import ActivationParams, fake_quantize_activation
 from rayq.quant.layout import Layout
 from rayq.quant.schemes import SCHEMES
-from rayq.quant.weights import (WeightFormat, dequantize_rows, fake_quantize_rows, pack_int4,
-                                quantize_rows, unpack_int4)
+from rayq.quant.weights import (MIN_SCALE, WeightFormat, dequantize_rows, fake_quantize_rows,
+                                fake_quantize_rows_learned_scales, pack_int4, quantize_rows,
+                                unpack_int4)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ class QuantizedWeight(nn.Module):
         return unpack_int4(self.codes, self.columns) if self.fmt.bits == 4 else self.codes
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        if self.latent is not None:
+        if self.latent is not None and self.learns_scales:
+            rows = fake_quantize_rows_learned_scales(self.latent, self.scales, self.fmt)
+        elif self.latent is not None:
             rows = fake_quantize_rows(self.latent, self.scales, self.fmt)
         else:
             rows = dequantize_rows(self.int_codes(), self.scales, self.fmt)
@@ -71,16 +74,36 @@ class QuantizedWeight(nn.Module):
         # parametrization's "original".
         return torch.empty(0, dtype=weight.dtype, device=weight.device)
 
-    def enable_training(self) -> None:
-        """Switch to a trainable float32 latent weight that starts at the dequantized value."""
-        if self.latent is not None:
-            return
-        rows = dequantize_rows(self.int_codes(), self.scales, self.fmt)
-        self.latent = nn.Parameter(rows)
-        self.codes = None
+    @property
+    def learns_scales(self) -> bool:
+        return isinstance(self.scales, nn.Parameter)
+
+    def enable_training(self, learn_scales: bool = False) -> None:
+        """Switch to a trainable float32 latent weight that starts at the dequantized value.
+
+        With `learn_scales`, the float32 scales become parameters too; the integer grid stays.
+        """
+        if self.latent is None:
+            rows = dequantize_rows(self.int_codes(), self.scales, self.fmt)
+            self.latent = nn.Parameter(rows)
+            self.codes = None
+        if learn_scales and not self.learns_scales:
+            scales = self.scales.detach().clone()
+            del self._buffers["scales"]
+            self.scales = nn.Parameter(scales)
+
+    def clamp_scales(self) -> None:
+        """Keep learned scales positive and normal after an optimizer step."""
+        if self.learns_scales:
+            with torch.no_grad():
+                self.scales.clamp_(min=MIN_SCALE)
 
     def freeze(self) -> None:
-        """Round the latent weight onto the grid and store codes again."""
+        """Round the latent weight onto the grid and store codes again; scales become buffers."""
+        if self.learns_scales:
+            scales = self.scales.detach().clone()
+            del self._parameters["scales"]
+            self.register_buffer("scales", scales)
         if self.latent is None:
             return
         codes = quantize_rows(self.latent.detach(), self.scales, self.fmt)
@@ -114,14 +137,15 @@ def quantized_weights(model: nn.Module) -> list[QuantizedWeight]:
     return list(found.values())
 
 
-def enable_training(model: nn.Module) -> nn.Module:
+def enable_training(model: nn.Module, learn_scales: bool = False) -> nn.Module:
     """Prepare a compressed model for quantization-aware fine-tuning, in place.
 
     Quantized weights get float32 latent parameters that stay on the integer grid in every
-    forward pass; gradients pass through the rounding (straight-through estimator).
+    forward pass; gradients pass through the rounding (straight-through estimator). With
+    `learn_scales`, their float32 scales are trained too, with an LSQ-style gradient.
     """
     for quantized in quantized_weights(model):
-        quantized.enable_training()
+        quantized.enable_training(learn_scales)
     return model
 
 

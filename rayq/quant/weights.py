@@ -8,6 +8,7 @@ in fine-tuning and in export, so the paths agree bit for bit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,50 @@ class _RoundThrough(torch.autograd.Function):
 def fake_quantize_rows(rows: torch.Tensor, scales: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
     """Return the dequantized float32 matrix, differentiable with a straight-through estimator."""
     return _RoundThrough.apply(rows, scales, fmt.qmax, fmt.group_width(rows.shape[1]))
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    """`torch.round` in the forward pass, the identity in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, values):
+        return torch.round(values)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity in the forward pass; multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, values, factor):
+        ctx.factor = factor
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def fake_quantize_rows_learned_scales(rows: torch.Tensor, scales: torch.Tensor,
+                                      fmt: WeightFormat) -> torch.Tensor:
+    """Like `fake_quantize_rows`, but differentiable in the scales too (LSQ-style gradient).
+
+    The forward value runs the same operations as `fake_quantize_rows`, so it equals
+    `dequantize_rows(quantize_rows(rows, scales))` bit for bit. The scale gradient of an element
+    inside the grid is `code - ratio` and of a clipped one `code`, as in learned step size
+    quantization (Esser et al., 2020), scaled by 1 / sqrt(elements per group * qmax) so that
+    scales and weights move at comparable rates under one learning rate.
+    """
+    count, columns = rows.shape
+    width = fmt.group_width(columns)
+    groups = _grouped(rows.float(), width)
+    step = _ScaleGradient.apply(scales, 1.0 / math.sqrt(width * fmt.qmax))
+    ratio = groups / step.unsqueeze(-1)
+    codes = torch.clamp(_RoundStraightThrough.apply(ratio), -fmt.qmax, fmt.qmax)
+    return (codes * step.unsqueeze(-1)).reshape(count, -1)[:, :columns]
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -120,11 +120,15 @@ def manifest_for(files: dict[str, bytes | LocalFile], config: dict, workers: lis
 
 
 def write_run(result, location: str | Location, config: dict, source: dict | None = None,
-              overwrite: bool = False, extra: dict | None = None) -> Location:
-    """Write a run's files and then its manifest; refuse to replace a finished run by default."""
+              overwrite: bool = False, extra: dict | None = None,
+              extra_files: dict[str, bytes] | None = None) -> Location:
+    """Write a run's files and then its manifest; refuse to replace a finished run by default.
+
+    `extra_files` are added to the run's files by relative path, replacing any of the same name.
+    """
     loc = parse_location(location) if isinstance(location, str) else location
     check_writable(loc, overwrite)
-    files = run_files(result, source)
+    files = {**run_files(result, source), **(extra_files or {})}
     manifest = manifest_for(files, config, result.workers, {"source": source, **(extra or {})})
     files_with_manifest = {**files, MANIFEST: json.dumps(manifest, indent=2).encode()}
     started = time.perf_counter()
