@@ -138,29 +138,38 @@ def _feature_dim(module_type: str, tensor: torch.Tensor) -> int:
     return -1
 
 
-def _position_sums(outputs: list[torch.Tensor], reference: list[torch.Tensor],
-                   module_type: str) -> tuple[float, float]:
-    """Per-position relative error energy, summed, and the number of positions.
+def _position_count(tensors: list[torch.Tensor], module_type: str) -> float:
+    """Count the output positions: every index of each output but its feature dimension."""
+    count = 0.0
+    for tensor in tensors:
+        if tensor.dim() == 0:
+            count += 1.0
+        else:
+            count += tensor.numel() // max(tensor.shape[_feature_dim(module_type, tensor)], 1)
+    return count
 
-    A position is one token, pixel or sample: every output index but the feature dimension.
-    Each position's error energy is divided by its own signal energy, so a few positions with
-    very large outputs (the massive activations that transformers put on special tokens) cannot
-    hide the error on all the others. Identical outputs give 0; an error over a zero signal +inf.
+
+def _position_error(outputs: list[torch.Tensor], reference: list[torch.Tensor],
+                    module_type: str) -> float:
+    """Sum each output position's error energy divided by its own signal energy.
+
+    A position is one token, pixel or sample. Dividing per position keeps a few positions with
+    very large outputs (the massive activations that transformers put on special tokens) from
+    hiding the error on all the others. Identical outputs give 0, and an error over a zero
+    signal gives +inf.
     """
     if len(outputs) != len(reference):
-        return math.nan, 0.0
-    relative, count = 0.0, 0.0
+        return math.nan
+    relative = 0.0
     for out, ref in zip(outputs, reference):
         if ref.dim() == 0:
             ref, out = ref.reshape(1), out.reshape(1)
         dim = _feature_dim(module_type, ref)
-        ref64 = ref.detach().double()
         error = (out.detach().float() - ref.detach().float()).double().pow(2).sum(dim)
-        signal = ref64.pow(2).sum(dim)
+        signal = ref.detach().double().pow(2).sum(dim)
         ratio = torch.where(error == 0, torch.zeros_like(error), error / signal)
         relative += float(ratio.sum())
-        count += float(ratio.numel())
-    return relative, count
+    return relative
 
 
 def _count_nonfinite(value: Any) -> int:
@@ -198,11 +207,9 @@ class _Scorer:
             else:
                 sums.nonfinite_outputs += _count_nonfinite(reference)
             return
-        positions = None
         if self.per_position:
-            positions = sum(float(t.numel() // max(t.shape[_feature_dim(layer.module_type, t)], 1))
-                            if t.dim() else 1.0 for t in reference)
-            signal = positions
+            # The position normalization divides by the number of positions instead.
+            signal = _position_count(reference, layer.module_type)
         sums.denominator += signal
 
         self.busy = True
@@ -213,10 +220,10 @@ class _Scorer:
                 outputs = self._scheme_outputs(layer, scheme, module, args, kwargs)
                 if outputs is None:
                     error = math.nan
-                elif positions is None:
-                    error = _squared_error(outputs, reference)
+                elif self.per_position:
+                    error = _position_error(outputs, reference, layer.module_type)
                 else:
-                    error = _position_sums(outputs, reference, layer.module_type)[0]
+                    error = _squared_error(outputs, reference)
                 sums.numerators[scheme.name] = sums.numerators.get(scheme.name, 0.0) + error
         finally:
             self.busy = False
