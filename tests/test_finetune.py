@@ -121,6 +121,12 @@ def test_finetune_writes_child_run_that_round_trips(parent):
     assert not os.path.exists(output / "checkpoints")
     history = pq.read_table(output / "finetune.parquet").to_pylist()
     assert [row["step"] for row in history] == list(range(1, 41))
+    # Only the chosen plan was trained, so only its row carries measured errors.
+    for row in pq.read_table(output / "thresholds.parquet").to_pylist():
+        if row["chosen"]:
+            assert row["cosine_mean"] == result.after.cosine_mean
+        else:
+            assert row["cosine_mean"] is None
 
     # The saved run gives exactly the outputs of the module at the end of training.
     probes = [torch.randn(5, 16, generator=torch.Generator().manual_seed(7))]

@@ -116,6 +116,10 @@ def finetune(location: str, output: str, *, model: nn.Module | None = None,
     after = measure(frozen, held_out, references)
     logger.info("after fine-tuning: held-out cosine %.5f, relative error %.5f",
                 after.cosine_mean, after.relative_error)
+    if after.cosine_mean < before.cosine_mean:
+        logger.warning("fine-tuning lowered the held-out cosine from %.5f to %.5f; the run is "
+                       "written, but the parent is closer to the float model",
+                       before.cosine_mean, after.cosine_mean)
 
     result = FinetuneResult(frozen, trained.model, before, after, in_sample, trained.state.step,
                             trained.state.history, trained.state.resumed_from, target)
@@ -298,12 +302,18 @@ class _RunContents:
 
 
 def _thresholds_after(table: pa.Table, after: Fidelity) -> pa.Table:
-    """Replace the chosen row's measured errors with the fine-tuned model's."""
+    """Give the chosen row the fine-tuned model's errors and leave the other rows' errors empty.
+
+    The fine-tuned weights exist only for the chosen plan; the parent's errors for the other
+    thresholds describe models without that training, so the table does not show them.
+    """
     rows = table.to_pylist()
     for row in rows:
         if row["chosen"]:
             row.update(relative_error=after.relative_error, cosine_mean=after.cosine_mean,
                        cosine_min=after.cosine_min)
+        else:
+            row.update(relative_error=None, cosine_mean=None, cosine_min=None)
     return pa.Table.from_pylist(rows, schema=table.schema)
 
 
@@ -334,12 +344,17 @@ def finetune_text(result: FinetuneResult) -> str:
     resumed = (f", resumed from step {', '.join(map(str, result.resumed_from))}"
                if result.resumed_from else "")
     last = result.history[-1]["loss"] if result.history else float("nan")
+    if result.after.cosine_mean >= result.before.cosine_mean:
+        verdict = f"{result.recovered():.0%} of the lost cosine recovered"
+    else:
+        # Training can lose fidelity, for example on a plan that had little to recover.
+        verdict = ("WARNING: the fine-tuned model is further from the float model than its parent; "
+                   "try fewer steps or a lower learning rate")
     return (f"\nfine-tuning: {result.steps} steps{resumed}, final loss {last:.6g}\n"
             f"{kind} cosine similarity to the float model: {result.before.cosine_mean:.5f} before, "
             f"{result.after.cosine_mean:.5f} after (min {result.before.cosine_min:.5f} -> "
             f"{result.after.cosine_min:.5f}); relative error {result.before.relative_error:.5f} -> "
-            f"{result.after.relative_error:.5f}; {result.recovered():.0%} of the lost cosine "
-            "recovered")
+            f"{result.after.relative_error:.5f}; {verdict}")
 
 
 __all__ = ["FinetuneResult", "finetune", "split_batch"]
