@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from rayq.driver.memory import reset_peak_rss
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as handle:
@@ -23,15 +25,6 @@ def _status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise KeyError(field)
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def load(batches: int, batch_size: int, max_length: int):
@@ -64,7 +57,7 @@ def run_phase(phase: str, prepared, data) -> None:
 def main(phase: str, batches: int, batch_size: int, max_length: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     prepared, data = load(batches, batch_size, max_length)
-    exact = reset_peak()
+    exact = reset_peak_rss()
     baseline_kib = _status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run_phase(phase, prepared, data)
     peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -304,7 +304,7 @@ class _RunContents:
 def _thresholds_after(table: pa.Table, after: Fidelity) -> pa.Table:
     """Give the chosen row the fine-tuned model's errors and leave the other rows' errors empty.
 
-    The fine-tuned weights exist only for the chosen plan; the parent's errors for the other
+    The fine-tuned weights exist only for the chosen plan. The parent's errors for the other
     thresholds describe models without that training, so the table does not show them.
     """
     rows = table.to_pylist()

@@ -132,7 +132,7 @@ def _squared_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -
 
 
 def _feature_dim(module_type: str, tensor: torch.Tensor) -> int:
-    """The dimension that holds one position's features: channels for convolutions, else last."""
+    """Return the dimension of one position's features: channels for convolutions, else the last."""
     if "Conv" in module_type and module_type != "Conv1D" and tensor.dim() >= 3:
         return 1
     return -1
@@ -229,7 +229,7 @@ class _Scorer:
             self.busy = False
 
     def _scheme_outputs(self, layer, scheme, module, args, kwargs) -> list[torch.Tensor] | None:
-        """The layer's outputs with the scheme applied, or None when it cannot be applied."""
+        """Run the layer with the scheme applied; return its outputs, or None where it cannot apply."""
         weights = self.bank.dequantized(layer.name, scheme.name)
         if scheme.quantize_input:
             params = self.activations.get(layer.name)
