@@ -62,22 +62,40 @@ def _round_codes(groups: torch.Tensor, scales: torch.Tensor, qmax: int) -> torch
     return torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -qmax, qmax)
 
 
+# Elements of one slice of rows in the clipping search. Slices of about a megabyte stay in the
+# processor's cache through the dozen passes per factor, and bound the search's scratch memory.
+SEARCH_CHUNK = 1 << 18
+
+
 def choose_scales(rows: torch.Tensor, fmt: WeightFormat, search: bool = True) -> torch.Tensor:
     """Compute float32 scales of shape (R, G) for a float (R, C) matrix.
 
     A group of zeros gets scale 1.0, so its codes are zeros and it dequantizes to exact zeros.
     With `search`, each group takes the clipping factor with the least squared error.
     """
-    groups = _grouped(rows.detach().float(), fmt.group_width(rows.shape[1]))
+    width = fmt.group_width(rows.shape[1])
+    if not search:
+        absmax = _grouped(rows.detach().float(), width).abs().amax(dim=-1)
+        return _scales_for(absmax, 1.0, fmt.qmax)
+    # Rows are searched a slice at a time: each row's groups are independent of other rows, so
+    # slicing changes no result and keeps the scratch tensors small.
+    step = max(1, SEARCH_CHUNK // max(rows.shape[1], 1))
+    parts = [_search_scales(rows[start:start + step], fmt, width)
+             for start in range(0, rows.shape[0], step)]
+    if not parts:
+        return torch.ones(0, fmt.scale_count(rows.shape[1]), dtype=torch.float32)
+    return torch.cat(parts)
+
+
+def _search_scales(rows: torch.Tensor, fmt: WeightFormat, width: int) -> torch.Tensor:
+    groups = _grouped(rows.detach().float(), width)
     absmax = groups.abs().amax(dim=-1)
     best = _scales_for(absmax, 1.0, fmt.qmax)
-    if not search:
-        return best
-
-    best_error = _group_error(groups, best, fmt.qmax)
+    scratch = torch.empty_like(groups)
+    best_error = _group_error(groups, best, fmt.qmax, scratch)
     for factor in CLIP_FACTORS[1:]:
         scales = _scales_for(absmax, factor, fmt.qmax)
-        error = _group_error(groups, scales, fmt.qmax)
+        error = _group_error(groups, scales, fmt.qmax, scratch)
         better = error < best_error
         best = torch.where(better, scales, best)
         best_error = torch.where(better, error, best_error)
@@ -89,9 +107,17 @@ def _scales_for(absmax: torch.Tensor, factor: float, qmax: int) -> torch.Tensor:
     return torch.where(absmax > 0, scales, torch.ones_like(scales))
 
 
-def _group_error(groups: torch.Tensor, scales: torch.Tensor, qmax: int) -> torch.Tensor:
-    restored = _round_codes(groups, scales, qmax) * scales.unsqueeze(-1)
-    return (restored - groups).pow(2).sum(dim=-1)
+def _group_error(groups: torch.Tensor, scales: torch.Tensor, qmax: int,
+                 scratch: torch.Tensor) -> torch.Tensor:
+    """Squared reconstruction error per group, computed in place in `scratch`.
+
+    The operations are those of `_round_codes` followed by dequantization, so the error belongs
+    to exactly the codes that `quantize_rows` will store.
+    """
+    expanded = scales.unsqueeze(-1)
+    torch.div(groups, expanded, out=scratch)
+    scratch.round_().clamp_(-qmax, qmax).mul_(expanded).sub_(groups)
+    return torch.linalg.vecdot(scratch, scratch)
 
 
 def quantize_rows(rows: torch.Tensor, scales: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
