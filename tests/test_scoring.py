@@ -472,3 +472,35 @@ def test_position_normalization_degenerate_positions():
     result = rayq.compress(nn.Sequential(zero_output), lost, schemes=["int8"], clip_search=False,
                            qs_normalization="position")
     assert result.sensitivity.to_pylist()[0]["qs"] == math.inf
+
+
+class _PlainEmbeddingModel(nn.Module):
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embed = embedding
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens))
+
+
+class _EmbeddingSubclass(nn.Embedding):
+    """Scored through its own forward, since only a plain nn.Embedding takes the lookup path."""
+
+
+def test_embedding_lookup_scores_equal_whole_table_scores():
+    torch.manual_seed(3)
+    plain = _PlainEmbeddingModel(nn.Embedding(50, 16)).eval()
+    general = copy.deepcopy(plain)
+    general.embed = _EmbeddingSubclass(50, 16)
+    general.embed.load_state_dict(plain.embed.state_dict())
+    batches = token_batches(3)
+
+    def scores(model):
+        rows = rayq.compress(model, batches, schemes=["int4", "int8"]).sensitivity.to_pylist()
+        return {(r["layer"], r["scheme"]): r["qs"] for r in rows if r["layer"] == "embed"}
+
+    lookup, whole = scores(plain), scores(general)
+    assert len(lookup) == 2 and all(value > 0 for value in lookup.values())
+    # The looked-up rows are the same float32 values either way, so the sums are bit for bit equal.
+    assert lookup == whole

@@ -10,23 +10,52 @@ from torch import nn
 from rayq.model.layers import LayerSpec, weight_of
 from rayq.quant.layout import Layout
 from rayq.quant.schemes import Scheme
-from rayq.quant.weights import WeightFormat, choose_scales, dequantize_rows, quantize_rows
+from rayq.quant.weights import (
+    WeightFormat,
+    choose_scales,
+    dequantize_rows,
+    pack_int4,
+    quantize_rows,
+    unpack_int4,
+)
 
 
 @dataclass
 class QuantizedTensor:
-    """Integer codes and float32 scales of one weight under one weight format."""
+    """Integer codes and float32 scales of one weight under one weight format.
 
-    codes: torch.Tensor
+    4-bit codes are kept packed two per byte, as the compressed module stores them, so a bank
+    of int4 and int8 candidates takes 1.5 bytes per weight element instead of 2.
+    """
+
+    stored: torch.Tensor
     scales: torch.Tensor
     fmt: WeightFormat
     layout: Layout
     shape: torch.Size
     dtype: torch.dtype
+    columns: int
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The int8 codes as a (rows, columns) matrix, unpacked where they are 4-bit."""
+        return self._unpacked(self.stored)
 
     def dequantize(self) -> torch.Tensor:
         rows = dequantize_rows(self.codes, self.scales, self.fmt)
         return self.layout.from_rows(rows, self.shape).to(self.dtype)
+
+    def dequantize_rows_at(self, index: torch.Tensor) -> torch.Tensor:
+        """Dequantize only the rows at `index` (a 1-D tensor), as (len(index), columns).
+
+        Each row has its own scales, so the result equals the same rows of the whole dequantized
+        matrix bit for bit, at the cost of the rows looked up rather than of the whole table.
+        """
+        codes = self._unpacked(self.stored[index])
+        return dequantize_rows(codes, self.scales[index], self.fmt).to(self.dtype)
+
+    def _unpacked(self, stored: torch.Tensor) -> torch.Tensor:
+        return unpack_int4(stored, self.columns) if self.fmt.bits == 4 else stored
 
 
 def quantize_weight(weight: torch.Tensor, layout: Layout, fmt: WeightFormat,
@@ -34,14 +63,15 @@ def quantize_weight(weight: torch.Tensor, layout: Layout, fmt: WeightFormat,
     rows = layout.to_rows(weight.detach())
     scales = choose_scales(rows, fmt, search=search)
     codes = quantize_rows(rows, scales, fmt)
-    return QuantizedTensor(codes, scales, fmt, layout, weight.shape, weight.dtype)
+    stored = pack_int4(codes) if fmt.bits == 4 else codes
+    return QuantizedTensor(stored, scales, fmt, layout, weight.shape, weight.dtype, codes.shape[1])
 
 
 class WeightBank:
     """Quantized weights per (layer, scheme), computed once and dequantized on each use.
 
-    Codes take a quarter of the float32 weight, so holding them for every scheme costs far less
-    than holding dequantized copies.
+    Codes take a quarter (int8) or an eighth (int4) of the float32 weight, so holding them for
+    every scheme costs far less than holding dequantized copies.
     """
 
     def __init__(self, model: nn.Module, layers: list[LayerSpec], schemes: list[Scheme],

@@ -182,9 +182,9 @@ class DecoderModel:
                 largest = max(largest, weight.numel() * 4)
                 for scheme in schemes:
                     fmt = SCHEMES[scheme].weights
-                    # The scoring bank keeps one int8 code per element (int4 unpacked) and
+                    # The scoring bank keeps the codes as stored (int4 packed two per byte) and
                     # float32 scales.
-                    codes += rows * columns + rows * fmt.scale_count(columns) * 4
+                    codes += fmt.code_bytes(rows, columns) + rows * fmt.scale_count(columns) * 4
         return weights + codes + WORKING_COPIES * largest
 
     def tensor_names(self, modules: tuple[str, ...] | list[str]) -> list[str]:
