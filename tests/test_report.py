@@ -417,3 +417,16 @@ def test_run_without_matplotlib_skips_pngs(tmp_path):
 def test_picture_files_lists_page_and_pngs():
     files = picture_files(*synthetic_tables(FLAT_NAMES[:5]))
     assert set(files) == {REPORT_HTML, SENSITIVITY_PNG, THRESHOLDS_PNG}
+
+
+def test_ratio_ticks_keep_apart():
+    from rayq.report.pictures import RATIO_TICK_GAP, _ratio_ticks
+
+    # The MiniLM demo's axis: 90.9 MB float, sizes from about 20 to 94 MB.
+    limits = (19.5, 94.3)
+    ticks = _ratio_ticks(90.9, limits)
+    assert ticks[0] == 1 and 4 in ticks
+    positions = [90.9 / ratio for ratio in ticks]
+    gaps = [a - b for a, b in zip(positions, positions[1:])]
+    assert min(gaps) >= RATIO_TICK_GAP * (limits[1] - limits[0])
+    assert all(limits[0] <= mb <= limits[1] for mb in positions)

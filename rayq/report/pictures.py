@@ -190,7 +190,31 @@ def _ratio_axis(axes, points: list[ThresholdPoint]) -> None:
         return float_mb / np.maximum(mb, 1e-12)
 
     top = axes.secondary_xaxis("top", functions=(to_ratio, to_ratio))
+    top.set_xticks(_ratio_ticks(float_mb, axes.get_xlim()))
     top.set_xlabel("compression ratio (x)")
+
+
+# Candidate ticks of the compression-ratio axis. The axis is 1 / size, so its ticks crowd toward
+# small sizes, and evenly spaced ratios would print on top of each other there.
+RATIO_TICKS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# The least distance between two ratio ticks, as a fraction of the size axis.
+RATIO_TICK_GAP = 0.06
+
+
+def _ratio_ticks(float_mb: float, limits: tuple[float, float]) -> list[float]:
+    """Pick the ratio ticks inside the size axis, from the lowest ratio up, dropping crowded ones."""
+    low, high = sorted(limits)
+    ticks: list[float] = []
+    last_mb = None
+    for ratio in RATIO_TICKS:
+        mb = float_mb / ratio
+        if not low <= mb <= high:
+            continue
+        if last_mb is not None and last_mb - mb < RATIO_TICK_GAP * (high - low):
+            continue
+        ticks.append(ratio)
+        last_mb = mb
+    return ticks
 
 
 FLEET_COLUMNS = ("model", "compression_ratio", "relative_error")
