@@ -181,12 +181,11 @@ def _dry_run(job, loaded, batches, request) -> int:
 
 def _write_and_print(result, job: JobConfig, output, source: dict, started: float,
                      extra: dict | None = None) -> None:
-    from rayq.engine.summary import summary_text, thresholds_text
+    from rayq.engine.summary import summary_text
     from rayq.storage.run import write_run
 
     config = job.model_dump(mode="json")
     write_run(result, output, config=config, source=source, overwrite=job.overwrite, extra=extra)
-    logger.info("threshold guidance:\n%s", thresholds_text(result.thresholds))
     print(summary_text(result.thresholds, result.plan))
     chosen = [r for r in result.thresholds.to_pylist() if r["chosen"]][0]
     ratio = f"compression ratio {chosen['compression_ratio']:.2f}x ({_size(chosen['model_bytes'])})"

@@ -55,7 +55,8 @@ def _compress_parser(sub) -> None:
                    "position: the mean over output positions (tokens, pixels) of each one's "
                    "relative error, so that a few huge outputs cannot hide the error elsewhere")
     p.add_argument("--batch-size", type=int, help="samples per calibration batch (default 16)")
-    p.add_argument("--max-batches", type=int, help="use at most this many calibration batches")
+    p.add_argument("--max-batches", type=int, help="use at most this many calibration batches "
+                   "(default: all of them)")
     p.add_argument("--max-length", type=int, help="tokens per text sample, at most (default 128)")
     p.add_argument("--workers", type=int, help="Ray scoring actors (default 1)")
     p.add_argument("--address", help="Ray cluster address to join (default: RAY_ADDRESS, else a "
