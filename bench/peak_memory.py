@@ -1,11 +1,15 @@
 """Peak resident memory of one phase, measured in a fresh process: `float` pass or QS `score`.
 
-Run as `python bench/peak_memory.py PHASE BATCHES BATCH_SIZE MAX_LENGTH THREADS`; prints one JSON line. The process loads
-all-MiniLM-L6-v2 and its calibration batches, then resets the kernel's peak-RSS mark (writing 5
-to /proc/self/clear_refs) and records the resident size as the baseline. The phase's peak is
-VmHWM from /proc/self/status after the phase, and the figure is the peak minus the baseline: the
-memory the phase itself added. Where the mark cannot be reset, ru_maxrss is used instead and the
-output names that method, because that peak may then be the one reached while loading.
+Run as `python bench/peak_memory.py PHASE BATCHES BATCH_SIZE MAX_LENGTH THREADS`; prints one JSON
+line. The process loads all-MiniLM-L6-v2 and its calibration batches, then resets the kernel's
+peak-RSS mark (writing 5 to /proc/self/clear_refs) and records the resident size as the baseline.
+The phase's peak is VmHWM from /proc/self/status after the phase. Two figures come from it:
+- `added_bytes`, peak minus baseline: the memory the phase itself added.
+- `held_bytes`, that plus the bytes of the model's tensors and of the batches: what a GPU
+  worker's device holds during the phase. The interpreter, its libraries and the tokenizer,
+  which a device never holds, stay out of it.
+Where the mark cannot be reset, ru_maxrss is used instead and the output names that method,
+because that peak may then be the one reached while loading.
 """
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ def run_phase(phase: str, prepared, data) -> None:
     score_batches(prepared.model, prepared.layers, schemes, bank, {}, list(enumerate(data)))
 
 
+def _tensor_bytes(prepared, data) -> int:
+    tensors = [*prepared.model.parameters(), *prepared.model.buffers()]
+    for batch in data:
+        values = batch.values() if isinstance(batch, dict) else batch
+        tensors.extend(v for v in values if isinstance(v, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def main(phase: str, batches: int, batch_size: int, max_length: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     prepared, data = load(batches, batch_size, max_length)
@@ -61,8 +73,10 @@ def main(phase: str, batches: int, batch_size: int, max_length: int, threads: in
     baseline_kib = _status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run_phase(phase, prepared, data)
     peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    added = (peak_kib - baseline_kib) * 1024
+    tensors = _tensor_bytes(prepared, data)
     return {"phase": phase, "baseline_bytes": baseline_kib * 1024, "peak_bytes": peak_kib * 1024,
-            "added_bytes": (peak_kib - baseline_kib) * 1024,
+            "added_bytes": added, "tensor_bytes": tensors, "held_bytes": added + tensors,
             "method": "VmHWM after reset" if exact else "ru_maxrss"}
 
 

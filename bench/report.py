@@ -37,10 +37,14 @@ METHODS = """\
   `ray_overhead_s`: the 1-worker Ray run minus the in-process run (one thread) of the same job;
   `startup` is the difference outside the sensitivity phase (Ray, actors, model transfer),
   `per_batch` the sensitivity-phase difference per scored batch.
-- `peak_rss_ratio`: in two fresh processes that each load MiniLM and the batches, the kernel's
+- `peak_rss_ratio`: in fresh processes that each load MiniLM and the batches, the kernel's
   peak-RSS mark is reset and the resident size taken as the baseline; then one runs the float
-  pass and the other the QS (int4 and int8, weight quantization included). The figure is the
-  QS's peak minus baseline over the float pass's peak minus baseline.
+  pass and the other the QS (int4 and int8, weight quantization included). Each phase's figure
+  is its peak minus the baseline plus the bytes of the model's tensors and the batches: what a
+  GPU worker's device holds, leaving out the interpreter, its libraries and the tokenizer. The
+  ratio is the QS's median over the float pass's median (3 processes each).
+  `peak_rss_added_ratio` compares only what each phase added (peak minus baseline), so the
+  model's own weights count in neither.
 - `block_cost_ratio`: block-by-block scoring of a random-weight Llama (hidden 1024, 16 layers,
   0.89 GB in float32) under a weight cap of a quarter of its size, over whole-model scoring of
   the same folder, both in this process on one thread without the clipping search.

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,17 +127,28 @@ def calibration_paragraphs(sizes: Sizes) -> int:
 
 
 def peak_memory(sizes: Sizes, results: dict, raw: dict) -> None:
-    """Peak RSS added by the QS over that added by a float pass, each in a fresh process."""
-    added = {}
-    for phase in ("float", "score"):
-        completed = subprocess.run(
-            [sys.executable, os.path.join(HERE, "peak_memory.py"), phase, str(sizes.cost_batches),
-             str(sizes.batch_size), str(sizes.max_length), str(torch.get_num_threads())],
-            capture_output=True, text=True, check=True)
-        measured = json.loads(completed.stdout.strip().splitlines()[-1])
-        raw[f"peak_memory_{phase}"] = measured
-        added[phase] = measured["added_bytes"]
-    results["peak_rss_ratio"] = added["score"] / max(added["float"], 1)
+    """Peak memory of the QS over that of a float pass, each phase in fresh processes.
+
+    Each phase runs `sizes.repeats` times, alternating, and each figure is a ratio of medians.
+    """
+    measured: dict[str, list[dict]] = {"float": [], "score": []}
+    for _ in range(sizes.repeats):
+        for phase in measured:
+            completed = subprocess.run(
+                [sys.executable, os.path.join(HERE, "peak_memory.py"), phase,
+                 str(sizes.cost_batches), str(sizes.batch_size), str(sizes.max_length),
+                 str(torch.get_num_threads())],
+                capture_output=True, text=True, check=True)
+            measured[phase].append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    for phase, rows in measured.items():
+        raw[f"peak_memory_{phase}"] = rows
+
+    def median_of(phase: str, key: str) -> float:
+        return statistics.median(row[key] for row in measured[phase])
+
+    results["peak_rss_ratio"] = median_of("score", "held_bytes") / max(median_of("float", "held_bytes"), 1)
+    results["peak_rss_added_ratio"] = (median_of("score", "added_bytes")
+                                       / max(median_of("float", "added_bytes"), 1))
 
 
 def synthetic_figures(sizes: Sizes, results: dict, raw: dict) -> None:

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-FIGURES = {"peak_rss_ratio", "replan_fraction", "size_ratio_error", "scaling_2_workers",
+FIGURES = {"peak_rss_ratio", "peak_rss_added_ratio", "replan_fraction", "size_ratio_error", "scaling_2_workers",
            "ray_overhead_s", "fidelity_minilm", "block_cost_ratio", "block_peak_rss_bytes",
            "block_peak_rss_target_bytes", "block_weight_cap_bytes", "block_count"}
 PER_MODEL = {"qs_cost_ratio", "qs_extra_scheme_ratio", "qs_weight_quantization_share",
