@@ -504,3 +504,32 @@ def test_embedding_lookup_scores_equal_whole_table_scores():
     assert len(lookup) == 2 and all(value > 0 for value in lookup.values())
     # The looked-up rows are the same float32 values either way, so the sums are bit for bit equal.
     assert lookup == whole
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("own", [True, False])
+def test_difference_equals_widened_subtraction(dtype, own):
+    from rayq.scoring.sensitivity import _difference
+
+    generator = torch.Generator().manual_seed(4)
+    ref = torch.randn(64, 33, generator=generator).to(dtype)
+    out = (ref.float() + 0.01 * torch.randn(64, 33, generator=generator)).to(dtype)
+    before = out.clone()
+    expected = out.float() - ref.float()
+
+    difference = _difference(out, ref, own)
+    assert difference.dtype == torch.float32
+    assert torch.equal(difference, expected)
+    if not own:
+        assert torch.equal(out, before)
+
+
+def test_outputs_sharing_memory_are_not_overwritten():
+    from rayq.scoring.sensitivity import _owned
+
+    output = torch.randn(2, 5, 4)
+    last_step = output[:, -1]  # a view, as an RNN's final state can be
+    fresh = torch.randn(3)
+    reference = [torch.randn(2, 5, 4), torch.randn(2, 4), fresh]
+    assert _owned([output, last_step, fresh.clone()], reference) == [False, False, True]
+    assert _owned([reference[0]], reference) == [False]

@@ -126,20 +126,30 @@ def _squared_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -
     owned = _owned(outputs, reference)
     total = 0.0
     for out, ref, own in zip(outputs, reference, owned):
-        # The difference of two nearby float32 values is exact, so subtracting before widening
-        # to float64 loses nothing and saves a pass over the output.
-        if own and out.dtype == torch.float32 and ref.dtype == torch.float32:
-            # Reusing the quantized output's memory saves one output-sized buffer at the peak.
-            total += _energy(out.detach().sub_(ref.detach()))
-        else:
-            total += _energy(out.detach().float() - ref.detach().float())
+        total += _energy(_difference(out.detach(), ref.detach(), own))
     return total
 
 
-def _owned(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> list[bool]:
-    """Which quantized outputs share memory with no other output and no reference output.
+def _difference(out: torch.Tensor, ref: torch.Tensor, own: bool) -> torch.Tensor:
+    """Return `out - ref` in float32, written over `out` where `own` allows it.
 
-    Only those may be overwritten: an LSTM's final state, for one, may be a view of its output.
+    The difference of two nearby float32 values is exact, so subtracting before widening to
+    float64 loses nothing. Writing in place keeps the scoring peak at one float32 buffer besides
+    the two outputs, for half-precision outputs too.
+    """
+    if out.dtype == torch.float64 or ref.dtype == torch.float64:
+        return out.float() - ref.float()
+    if out.dtype != torch.float32:
+        # The widened copy is new, so it can take the difference in place.
+        return out.float().sub_(ref)
+    return out.sub_(ref) if own else out - ref
+
+
+def _owned(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> list[bool]:
+    """Flag the quantized outputs that share memory with no other output and no reference output.
+
+    Only those may be overwritten, because an LSTM's final state, for one, may be a view of its
+    output.
     """
     def storage(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
@@ -147,8 +157,8 @@ def _owned(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> list[b
     counts: dict[int, int] = {}
     for t in outputs:
         counts[storage(t)] = counts.get(storage(t), 0) + 1
-    taken = {storage(t) for t in reference}
-    return [counts[storage(t)] == 1 and storage(t) not in taken for t in outputs]
+    in_reference = {storage(t) for t in reference}
+    return [counts[storage(t)] == 1 and storage(t) not in in_reference for t in outputs]
 
 
 def _feature_dim(module_type: str, tensor: torch.Tensor) -> int:
@@ -269,7 +279,7 @@ class _Scorer:
 
 
 def _is_plain_lookup(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """Whether this call is an `nn.Embedding` lookup whose output is just the indexed rows.
+    """Check that this call is an `nn.Embedding` lookup whose output is just the indexed rows.
 
     `max_norm` renormalizes rows in place during the lookup, so such a module takes the general
     path through its own forward.
