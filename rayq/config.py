@@ -209,18 +209,24 @@ class FinetuneSettings(BaseModel):
 BUILTIN_LOSSES = ("distill", "mse", "cross_entropy")
 
 
-def finetune_settings(source: str = "finetune() arguments", **values) -> FinetuneSettings:
+def finetune_settings(source: str = "finetune() arguments", as_flags: bool = False,
+                      **values) -> FinetuneSettings:
     try:
         return FinetuneSettings(**values)
     except ValidationError as exc:
-        raise format_validation_error(exc, source) from None
+        raise format_validation_error(exc, source, as_flags) from None
 
 
-def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
-    """Turn pydantic's errors into one ConfigError with a line per field: path, value, rule."""
+def format_validation_error(exc: ValidationError, source: str, as_flags: bool = False) -> ConfigError:
+    """Turn pydantic's errors into one ConfigError with a line per field: path, value, rule.
+
+    With `as_flags`, fields are named as the command-line options that set them (`--max-batches`).
+    """
     problems = []
     for error in exc.errors():
         path = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        if as_flags and error["loc"]:
+            path = "--" + path.replace("_", "-")
         if error["type"] == "extra_forbidden":
             problems.append(f"{path}: unknown key; check its spelling against `rayq compress --help`")
             continue

@@ -282,7 +282,12 @@ def test_cli_rejects_invalid_values_with_exit_2(parent, capsys):
     code = main(["finetune", str(parent / "parent"), "--output", str(parent / "never"),
                  "--learning-rate", "-1"])
     assert code == 2
-    assert "learning_rate: invalid value -1.0" in capsys.readouterr().err
+    assert "--learning-rate: invalid value -1.0" in capsys.readouterr().err
+    code = main(["finetune", str(parent / "parent"), "--output", str(parent / "never"),
+                 "--steps", "0"])
+    assert code == 2
+    assert "--steps: invalid value 0" in capsys.readouterr().err
+    assert not (parent / "never").exists()
 
 
 def test_cli_needs_trust_code_for_factory_parent(tmp_path, capsys):

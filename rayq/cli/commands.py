@@ -395,9 +395,12 @@ FINETUNE_FLAGS = ("steps", "epochs", "learning_rate", "batch_size", "workers", "
 def finetune(args: argparse.Namespace) -> int:
     """Fine-tune a finished run into a new run and print the fidelity before and after."""
     import rayq
+    from rayq.config import finetune_settings
     from rayq.finetune.job import finetune_text
 
     settings = {name: getattr(args, name) for name in FINETUNE_FLAGS if getattr(args, name) is not None}
+    # Checked here first, so that an error names the options rather than the Python arguments.
+    finetune_settings("command-line options", as_flags=True, **settings)
     result = rayq.finetune(args.location, args.output, trust_code=args.trust_code,
                            overwrite=args.overwrite, **settings)
     print(finetune_text(result).strip())
