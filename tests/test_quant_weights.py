@@ -272,3 +272,16 @@ def test_dequantize_rows_at_equals_rows_of_whole_table(name):
     quantized = quantize_weight(table, Layout(), FORMATS[name])
     index = torch.tensor([3, 3, 0, 49, 17])
     assert torch.equal(quantized.dequantize_rows_at(index), quantized.dequantize()[index])
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_rounding_by_slices_equals_whole_matrix(name, monkeypatch):
+    import rayq.quant.weights as weights
+
+    rows = random_rows(37, 300, seed=14)
+    scales = choose_scales(rows, FORMATS[name])
+    whole = quantize_rows(rows, scales, FORMATS[name])
+    monkeypatch.setattr(weights, "SEARCH_CHUNK", 600)  # slices of 2 rows
+    sliced = quantize_rows(rows, scales, FORMATS[name])
+    assert torch.equal(sliced, whole)
+    assert sliced.shape == (37, 300)

@@ -62,8 +62,8 @@ def _round_codes(groups: torch.Tensor, scales: torch.Tensor, qmax: int) -> torch
     return torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -qmax, qmax)
 
 
-# Elements of one slice of rows in the clipping search. Slices of about a megabyte stay in the
-# processor's cache through the dozen passes per factor, and bound the search's scratch memory.
+# Elements of one slice of rows in the clipping search and in rounding. Slices of about a megabyte
+# stay in the processor's cache through the dozen passes per factor, and bound the scratch memory.
 SEARCH_CHUNK = 1 << 18
 
 
@@ -79,12 +79,16 @@ def choose_scales(rows: torch.Tensor, fmt: WeightFormat, search: bool = True) ->
         return _scales_for(absmax, 1.0, fmt.qmax)
     # Rows are searched a slice at a time: each row's groups are independent of other rows, so
     # slicing changes no result and keeps the scratch tensors small.
-    step = max(1, SEARCH_CHUNK // max(rows.shape[1], 1))
+    step = _rows_per_slice(rows.shape[1])
     parts = [_search_scales(rows[start:start + step], fmt, width)
              for start in range(0, rows.shape[0], step)]
     if not parts:
         return torch.ones(0, fmt.scale_count(rows.shape[1]), dtype=torch.float32)
     return torch.cat(parts)
+
+
+def _rows_per_slice(columns: int) -> int:
+    return max(1, SEARCH_CHUNK // max(columns, 1))
 
 
 def _search_scales(rows: torch.Tensor, fmt: WeightFormat, width: int) -> torch.Tensor:
@@ -121,18 +125,29 @@ def _group_error(groups: torch.Tensor, scales: torch.Tensor, qmax: int,
 
 
 def quantize_rows(rows: torch.Tensor, scales: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
-    """Return int8 codes of shape (R, C) for a float matrix and its (R, G) scales."""
-    columns = rows.shape[1]
-    groups = _grouped(rows.detach().float(), fmt.group_width(columns))
-    codes = _round_codes(groups, scales, fmt.qmax).to(torch.int8)
-    return codes.reshape(rows.shape[0], -1)[:, :columns]
+    """Return int8 codes of shape (R, C) for a float matrix and its (R, G) scales.
+
+    Rows are rounded a slice at a time, so the float temporaries stay about a megabyte instead
+    of several copies of the whole weight.
+    """
+    count, columns = rows.shape
+    width = fmt.group_width(columns)
+    codes = torch.empty((count, columns), dtype=torch.int8, device=rows.device)
+    step = _rows_per_slice(columns)
+    for start in range(0, count, step):
+        stop = start + step
+        groups = _grouped(rows[start:stop].detach().float(), width)
+        part = _round_codes(groups, scales[start:stop], fmt.qmax).to(torch.int8)
+        codes[start:stop] = part.reshape(groups.shape[0], -1)[:, :columns]
+    return codes
 
 
 def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
     """Return the float32 (R, C) matrix that int8 codes and their scales represent."""
     columns = codes.shape[1]
+    # `codes.float()` is a new tensor, so the scales multiply into it in place.
     groups = _grouped(codes.float(), fmt.group_width(columns))
-    return (groups * scales.unsqueeze(-1)).reshape(codes.shape[0], -1)[:, :columns]
+    return groups.mul_(scales.unsqueeze(-1)).reshape(codes.shape[0], -1)[:, :columns]
 
 
 class _RoundThrough(torch.autograd.Function):
@@ -220,8 +235,11 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:
     """Invert `pack_int4`, returning int8 codes of shape (R, columns)."""
-    low = (packed & 0xF).to(torch.int16)
-    high = (packed >> 4).to(torch.int16)
-    nibbles = torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)[:, :columns]
-    signed = torch.where(nibbles >= 8, nibbles - 16, nibbles)
-    return signed.to(torch.int8)
+    codes = torch.empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.int8,
+                        device=packed.device)
+    # A nibble n in [0, 15] is the two's complement code (n ^ 8) - 8, computed in int8 so that no
+    # temporary is wider than the codes.
+    codes[:, 0::2] = (packed & 0xF).to(torch.int8)
+    codes[:, 1::2] = (packed >> 4).to(torch.int8)
+    codes.bitwise_xor_(8).sub_(8)
+    return codes[:, :columns].contiguous()
