@@ -72,8 +72,9 @@ class BlockWorker:
         self.loaded: Block | None = None
         self.bank: WeightBank | None = None
         # Resident memory before any weight loads: the interpreter, torch,
-        # transformers, Ray's worker runtime and the meta-device skeleton.
-        self.baseline_rss_bytes = memory.rss_bytes()
+        # transformers, Ray's worker runtime and the meta-device skeleton. Like the peaks, it
+        # leaves out the object store's shared pages.
+        self.baseline_rss_bytes = memory.rss_bytes() - memory.shared_rss_bytes()
 
     def info(self) -> dict:
         import ray
@@ -99,6 +100,16 @@ class BlockWorker:
                                    self.settings.clip_search)
         return time.perf_counter() - started
 
+    def _start_call(self, block: Block) -> None:
+        """Drop a block other than `block`, then start counting this call's peak memory.
+
+        Dropping first keeps the previous block's memory out of this call's peak.
+        """
+        if self.loaded is not None and self.loaded.index != block.index:
+            self._drop()
+        memory.trim_heap()
+        memory.reset_peak_rss()
+
     def _drop(self) -> None:
         self.bank = None
         if self.loaded is not None:
@@ -108,7 +119,7 @@ class BlockWorker:
 
     def score(self, block: Block, state: BlockState) -> tuple[dict, BlockState | None]:
         """Score a share of the batches through `block`; return (report, the block's outputs)."""
-        memory.reset_peak_rss()
+        self._start_call(block)
         load_s = self._hold(block, with_bank=True)
         layers = self.decoder.block_layers(block.modules)
         largest_output = _LargestOutput(self.decoder.model, layers)
@@ -125,7 +136,7 @@ class BlockWorker:
         report = {
             "slot": self.slot, "partials": partials, "load_s": load_s,
             "score_s": time.perf_counter() - started,
-            "peak_rss_bytes": memory.peak_rss_bytes(),
+            "peak_rss_bytes": memory.peak_private_bytes(),
             "baseline_rss_bytes": self.baseline_rss_bytes,
             "input_bytes": state_bytes(state), "output_bytes": state_bytes(next_state),
             # The reference output and the quantized rerun's output are alive together.
@@ -139,8 +150,8 @@ class BlockWorker:
         `schemes` maps each layer of the block to its planned scheme or float. The skeleton gets
         its float structure back afterwards, so the worker can load another block.
         """
-        memory.reset_peak_rss()
         self.bank = None
+        self._start_call(block)
         self._hold(block, with_bank=False)
         attached = self._attach(block, schemes)
         entries = quant_config(self.decoder.model, [], None)["weights"]
@@ -155,7 +166,7 @@ class BlockWorker:
             parametrize.remove_parametrizations(owner, attribute, leave_parametrized=False)
         self._drop()
         return {"slot": self.slot, "data": data, "entries": entries,
-                "peak_rss_bytes": memory.peak_rss_bytes(),
+                "peak_rss_bytes": memory.peak_private_bytes(),
                 "baseline_rss_bytes": self.baseline_rss_bytes}
 
     def _attach(self, block: Block, schemes: dict[str, str]) -> list[tuple[torch.nn.Module, str]]:

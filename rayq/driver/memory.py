@@ -29,6 +29,32 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def shared_rss_bytes() -> int:
+    """Resident shared memory of this process now (RssShmem on Linux; 0 where it is missing).
+
+    On a Ray worker this is mostly the object store's pages that the worker wrote results to or
+    read arguments from. Ray budgets them as object store memory, shared by the node.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("RssShmem:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def peak_private_bytes() -> int:
+    """Peak resident memory since the last `reset_peak_rss`, less the shared memory mapped now.
+
+    A worker's results go into Ray's object store after its method returns, so the shared pages
+    do not change during a call and this is the call's peak of the worker's own memory. Without
+    the subtraction, each result a worker had written would count in its later peaks.
+    """
+    return peak_rss_bytes() - shared_rss_bytes()
+
+
 def rss_bytes() -> int:
     """Resident memory of this process now (Linux); the peak where /proc is missing."""
     try:

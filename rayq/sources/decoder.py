@@ -34,10 +34,10 @@ logger = logging.getLogger(__name__)
 BlockKind = Literal["embedding", "layers", "head"]
 
 # Working memory while a layer is scored or quantized, in multiples of its largest weight: the
-# dequantized copy that the quantized rerun uses, the temporaries of the clipping search
-# (rounded codes, restored values and their squared error) and allocator slack. An estimate:
-# with 3, the 1 GB test model's workers peaked about 12 MB (one weight) above it.
-WORKING_COPIES = 4
+# dequantized copy that the quantized rerun uses, the sliced temporaries of quantization and
+# allocator slack. An estimate: the 1 GB test model's blocks of 3 layers peaked 4 to 5 weights
+# above their weights and codes, so 6 leaves about one weight of margin.
+WORKING_COPIES = 6
 
 
 @dataclass(frozen=True)
