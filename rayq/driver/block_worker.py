@@ -107,7 +107,6 @@ class BlockWorker:
         """
         if self.loaded is not None and self.loaded.index != block.index:
             self._drop()
-        memory.trim_heap()
         memory.reset_peak_rss()
 
     def _drop(self) -> None:

@@ -179,7 +179,10 @@ class DecoderModel:
                 weight = module.get_parameter(ref.path)
                 rows = ref.layout.row_count(weight.shape)
                 columns = weight.numel() // max(rows, 1)
-                largest = max(largest, weight.numel() * 4)
+                if not isinstance(module, nn.Embedding):
+                    # Scoring dequantizes only the embedding rows a batch looks up, and
+                    # quantization works on slices, so a table needs no whole working copy.
+                    largest = max(largest, weight.numel() * 4)
                 for scheme in schemes:
                     fmt = SCHEMES[scheme].weights
                     # The scoring bank keeps the codes as stored (int4 packed two per byte) and
