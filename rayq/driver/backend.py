@@ -14,14 +14,14 @@ from collections import deque
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
 
 from rayq.config import QuantizationSettings
 from rayq import progress
 from rayq.driver import cluster
+from rayq.driver.dispatch import dispatch
 from rayq.driver.placement import check_placement, default_request
 from rayq.driver.worker import ScoringWorker
-from rayq.errors import RayqError, RunFailedError
+from rayq.errors import RunFailedError
 from rayq.quant.activations import Histogram
 from rayq.scoring.sensitivity import merge_partials, merge_stats
 
@@ -91,34 +91,22 @@ class RayBackend:
             raise
 
     def _run_items(self, method: str, items: deque, args: tuple, advance) -> tuple[list, list[int]]:
-        idle = deque(range(len(self.slots)))
-        in_flight: dict[Any, tuple[int, tuple]] = {}
         results = []
         phase_counts = [0] * len(self.slots)
-        while items or in_flight:
-            while idle and items:
-                slot = idle.popleft()
-                item = items.popleft()
-                ref, _, group = item
-                extra = (group,) if group is not None else ()
-                future = getattr(self.slots[slot], method).remote(ref, *args, *extra)
-                in_flight[future] = (slot, item)
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            slot, item = in_flight.pop(done[0])
-            indices = item[1]
-            try:
-                results.append(ray.get(done[0]))
-            except RayActorError as exc:
-                self._replace(slot, indices, exc)
-                items.appendleft(item)
-            except RayTaskError as exc:
-                if isinstance(getattr(exc, "cause", None), RayqError):
-                    raise exc.cause from None
-                raise RunFailedError(f"worker {slot} failed on batches {indices}: {exc}") from exc
-            else:
-                phase_counts[slot] += len(indices)
-                advance(len(indices))
-            idle.append(slot)
+
+        def submit(actor, item):
+            ref, _, group = item
+            extra = (group,) if group is not None else ()
+            return getattr(actor, method).remote(ref, *args, *extra), None
+
+        def on_result(slot, item, result, _):
+            results.append(result)
+            phase_counts[slot] += len(item[1])
+            advance(len(item[1]))
+
+        dispatch(self.slots, items, submit, on_result,
+                 replace=lambda slot, item, exc: self._replace(slot, item[1], exc),
+                 describe=lambda item: f"batches {item[1]}")
         return results, phase_counts
 
     def _replace(self, slot: int, indices: list[int], exc: Exception) -> None:

@@ -10,7 +10,6 @@ share is run again from the same stored inputs.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,8 @@ import torch
 
 from rayq.config import QuantizationSettings
 from rayq.driver.block_worker import BlockState, BlockWorker
-from rayq.errors import RayqError, RunFailedError
+from rayq.driver.dispatch import dispatch
+from rayq.errors import RunFailedError
 from rayq.sources.decoder import Block
 
 logger = logging.getLogger(__name__)
@@ -125,37 +125,18 @@ class RayBlockBackend:
 
     def _run(self, items: list[tuple[int, Any]], submit, what: str, on_done=None) -> dict:
         """Give each item to an idle actor; replace actors that die and run their item again."""
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        pending = deque(items)
-        idle = deque(range(len(self.slots)))
-        in_flight: dict[Any, tuple[int, tuple[int, Any], Any]] = {}
         done: dict[int, tuple[dict, Any]] = {}
+
+        def on_result(slot, item, report, output_ref):
+            if on_done is not None:
+                on_done(item[0], report)
+            else:
+                done[item[0]] = (report, output_ref)
+
         try:
-            while pending or in_flight:
-                while idle and pending:
-                    slot = idle.popleft()
-                    item = pending.popleft()
-                    report_ref, output_ref = submit(self.slots[slot], item[1])
-                    in_flight[report_ref] = (slot, item, output_ref)
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                slot, item, output_ref = in_flight.pop(ready[0])
-                try:
-                    report = ray.get(ready[0])
-                except RayActorError as exc:
-                    self._replace(slot, what, exc)
-                    pending.appendleft(item)
-                except RayTaskError as exc:
-                    if isinstance(getattr(exc, "cause", None), RayqError):
-                        raise exc.cause from None
-                    raise RunFailedError(f"worker {slot} failed on {what}: {exc}") from exc
-                else:
-                    if on_done is not None:
-                        on_done(item[0], report)
-                    else:
-                        done[item[0]] = (report, output_ref)
-                idle.append(slot)
+            dispatch(self.slots, items, lambda actor, item: submit(actor, item[1]), on_result,
+                     replace=lambda slot, item, exc: self._replace(slot, what, exc),
+                     describe=lambda item: what)
         except BaseException:
             self.shutdown()
             raise
