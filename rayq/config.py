@@ -209,23 +209,25 @@ class FinetuneSettings(BaseModel):
 BUILTIN_LOSSES = ("distill", "mse", "cross_entropy")
 
 
-def finetune_settings(source: str = "finetune() arguments", as_flags: bool = False,
-                      **values) -> FinetuneSettings:
+def finetune_settings(source: str = "finetune() arguments",
+                      flag_fields: frozenset[str] = frozenset(), **values) -> FinetuneSettings:
     try:
         return FinetuneSettings(**values)
     except ValidationError as exc:
-        raise format_validation_error(exc, source, as_flags) from None
+        raise format_validation_error(exc, source, flag_fields) from None
 
 
-def format_validation_error(exc: ValidationError, source: str, as_flags: bool = False) -> ConfigError:
+def format_validation_error(exc: ValidationError, source: str,
+                            flag_fields: frozenset[str] = frozenset()) -> ConfigError:
     """Turn pydantic's errors into one ConfigError with a line per field: path, value, rule.
 
-    With `as_flags`, fields are named as the command-line options that set them (`--max-batches`).
+    Fields in `flag_fields` came from the command line and are named as their options
+    (`--max-batches`), so that an error points at what the user typed.
     """
     problems = []
     for error in exc.errors():
         path = ".".join(str(p) for p in error["loc"]) or "(top level)"
-        if as_flags and error["loc"]:
+        if error["loc"] and error["loc"][0] in flag_fields:
             path = "--" + path.replace("_", "-")
         if error["type"] == "extra_forbidden":
             problems.append(f"{path}: unknown key; check its spelling against `rayq compress --help`")

@@ -438,6 +438,22 @@ def test_missing_model_path_exits_2(ray_local, workspace, tmp_path, capsys, capl
     assert_nothing_written(output)
 
 
+def test_flag_errors_name_the_option(workspace, tmp_path, capsys):
+    output = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "model": FACTORY, "calibration": str(workspace / "calibration.safetensors"),
+        "batch_size": -2, "output": str(output),
+    }))
+    assert main(["compress", str(job), "--threshold", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid settings in {job} and command-line options" in err
+    assert "--threshold: invalid value '-1'" in err
+    # The job file's own bad value keeps its key's name.
+    assert "  - batch_size: invalid value -2" in err
+    assert_nothing_written(output)
+
+
 def test_job_file_typos_reported_at_once(workspace, tmp_path, capsys):
     output = tmp_path / "out"
     job = tmp_path / "job.yaml"

@@ -44,7 +44,7 @@ def _parse_pin(text: str) -> dict:
 
 def compress(args: argparse.Namespace) -> int:
     file_values = read_job_file(args.job) if args.job else {}
-    job = build_job(file_values, _flag_values(args), args.job or "the command line")
+    job = build_job(file_values, _flag_values(args), args.job)
     return run_job(job, dry_run=args.dry_run)
 
 
@@ -400,7 +400,7 @@ def finetune(args: argparse.Namespace) -> int:
 
     settings = {name: getattr(args, name) for name in FINETUNE_FLAGS if getattr(args, name) is not None}
     # Checked here first, so that an error names the options rather than the Python arguments.
-    finetune_settings("command-line options", as_flags=True, **settings)
+    finetune_settings("command-line options", frozenset(settings), **settings)
     result = rayq.finetune(args.location, args.output, trust_code=args.trust_code,
                            overwrite=args.overwrite, **settings)
     print(finetune_text(result).strip())

@@ -28,10 +28,20 @@ def read_job_file(path: str) -> dict[str, Any]:
     return data
 
 
-def build_job(file_values: dict[str, Any], flag_values: dict[str, Any], source: str) -> JobConfig:
-    """Validate the merged settings; every problem is reported at once."""
-    merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+def build_job(file_values: dict[str, Any], flag_values: dict[str, Any],
+              job_path: str | None) -> JobConfig:
+    """Validate the merged settings; every problem is reported at once.
+
+    An error names a setting as its option (`--threshold`) where the command line gave it, and
+    as its key where the job file did.
+    """
+    flags = {k: v for k, v in flag_values.items() if v is not None}
+    merged = {**file_values, **flags}
+    if job_path and flags:
+        source = f"{job_path} and command-line options"
+    else:
+        source = job_path or "command-line options"
     try:
         return JobConfig(**merged)
     except ValidationError as exc:
-        raise format_validation_error(exc, source) from None
+        raise format_validation_error(exc, source, frozenset(flags)) from None
