@@ -217,6 +217,15 @@ def finetune_settings(source: str = "finetune() arguments",
         raise format_validation_error(exc, source, flag_fields) from None
 
 
+# pydantic's messages for numeric bounds, worded like rayq's own.
+_BOUNDS = {
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be greater than {gt}",
+    "less_than_equal": "must be at most {le}",
+    "less_than": "must be less than {lt}",
+}
+
+
 def format_validation_error(exc: ValidationError, source: str,
                             flag_fields: frozenset[str] = frozenset()) -> ConfigError:
     """Turn pydantic's errors into one ConfigError with a line per field: path, value, rule.
@@ -236,7 +245,8 @@ def format_validation_error(exc: ValidationError, source: str,
             problems.append(f"{path}: missing; set it in the job file or with --{path.replace('_', '-')}")
             continue
         value = error.get("input")
-        message = error["msg"].removeprefix("Value error, ")
+        message = _BOUNDS.get(error["type"], "").format(**error.get("ctx", {})) or (
+            error["msg"].removeprefix("Value error, "))
         if not error["loc"]:
             # A rule across fields: the input is the whole mapping, so name the rule alone.
             problems.append(message)

@@ -377,6 +377,8 @@ def plan(args: argparse.Namespace) -> int:
     # Plans already measured in the stored guidance table keep their errors; only new ones run.
     # A table planned with other candidates holds other plans, so it is measured anew.
     known = run.table("thresholds") if set(schemes) == set(job.schemes) else None
+    logger.info("re-planning at threshold %g from stored scores; the float model runs on %d "
+                "held-out batches", threshold, len(held_out))
     result = finish(prepared.model, scores, settings, prepared.folded, held_out,
                     reference_outputs(prepared.model, held_out), in_sample, evaluate=True,
                     known_thresholds=known)
