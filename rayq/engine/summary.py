@@ -21,7 +21,8 @@ def render(columns: list[tuple[str, str]], rows: list[dict]) -> str:
     for row in rows:
         cells.append([_cell(row.get(key)) for key, _ in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = ["  ".join(text.rjust(width) for text, width in zip(line, widths)) for line in cells]
+    lines = ["  ".join(text.rjust(width) for text, width in zip(line, widths)).rstrip()
+             for line in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
