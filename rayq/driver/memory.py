@@ -14,19 +14,27 @@ GPU_FRACTION = 0.5
 CPU_FRACTION = 0.25
 
 
+def _status_bytes(field: str) -> int | None:
+    """Read one memory field of /proc/self/status in bytes; None where it is missing (not Linux)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process since start or the last `reset_peak_rss`.
 
     Reads VmHWM from /proc on Linux; elsewhere falls back to getrusage, whose peak never resets.
     """
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
+    if peak is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak
 
 
 def shared_rss_bytes() -> int:
@@ -35,14 +43,7 @@ def shared_rss_bytes() -> int:
     On a Ray worker this is mostly the object store's pages that the worker wrote results to or
     read arguments from. Ray budgets them as object store memory, shared by the node.
     """
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("RssShmem:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _status_bytes("RssShmem") or 0
 
 
 def peak_private_bytes() -> int:
