@@ -548,6 +548,35 @@ def test_replan_narrows_candidates_like_a_fresh_run():
     assert narrowed.settings.schemes == ["int8"]
 
 
+def test_replan_runs_float_model_only_for_new_plans():
+    from rayq.engine.compress import finish
+    from rayq.engine.evaluate import FloatOutputs, reference_outputs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    result = rayq.compress(model, randn_batches(10, 8, 256), threshold=1.0)
+
+    def replan(threshold, known):
+        outputs = FloatOutputs(result.float_model, result.evaluation)
+        settings = result.settings.model_copy(update={"threshold": threshold})
+        replanned = finish(result.float_model, result.scores, settings, result.folded,
+                           result.evaluation, outputs, result.in_sample, evaluate=True,
+                           known_thresholds=known)
+        return replanned, outputs
+
+    # Every plan of the ladder is in the stored table, so the float model does not run.
+    stored, outputs = replan(0.001, result.thresholds)
+    assert not outputs.computed
+    assert stored.thresholds.equals(result.replan(0.001, evaluate=True).thresholds)
+    # Without a stored table every plan is measured against the float outputs.
+    measured, outputs = replan(0.001, None)
+    assert outputs.computed
+    assert len(outputs.get()) == len(result.evaluation)
+    expected = reference_outputs(result.float_model, result.evaluation)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(outputs.get(), expected))
+    assert measured.thresholds.equals(stored.thresholds)
+
+
 def test_replan_rejects_unscored_scheme():
     model = nn.Sequential(nn.Linear(4, 4)).eval()
     result = rayq.compress(model, randn_batches(1, 2, 4), schemes=["int8"])

@@ -334,7 +334,7 @@ def plan(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from rayq.engine.compress import check_scored_schemes, finish, prepare, split_batches
-    from rayq.engine.evaluate import reference_outputs
+    from rayq.engine.evaluate import FloatOutputs
     from rayq.engine.stored import scores_from_table
     from rayq.planning.plan import check_threshold
     from rayq.sources.models import load_source
@@ -377,10 +377,10 @@ def plan(args: argparse.Namespace) -> int:
     # Plans already measured in the stored guidance table keep their errors; only new ones run.
     # A table planned with other candidates holds other plans, so it is measured anew.
     known = run.table("thresholds") if set(schemes) == set(job.schemes) else None
-    logger.info("re-planning at threshold %g from stored scores; the float model runs on %d "
-                "held-out batches", threshold, len(held_out))
+    logger.info("re-planning at threshold %g from stored scores; plans not in the stored table "
+                "are measured on %d held-out batches", threshold, len(held_out))
     result = finish(prepared.model, scores, settings, prepared.folded, held_out,
-                    reference_outputs(prepared.model, held_out), in_sample, evaluate=True,
+                    FloatOutputs(prepared.model, held_out), in_sample, evaluate=True,
                     known_thresholds=known)
     job = job.model_copy(update={"threshold": threshold, "schemes": schemes, "output": target.uri,
                                  "overwrite": args.overwrite})

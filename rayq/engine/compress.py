@@ -20,7 +20,7 @@ from rayq import progress
 from rayq.config import (ExecutionSettings, QuantizationSettings, execution_settings,
                          quantization_settings)
 from rayq.engine import build, tables, thresholds
-from rayq.engine.evaluate import Fidelity, measure, reference_outputs
+from rayq.engine.evaluate import Fidelity, FloatOutputs, measure, reference_outputs
 from rayq.errors import ConfigError, DataError, ModelError
 from rayq.model import folding
 from rayq.model.layers import FloatModule, LayerSpec, find_layers
@@ -177,7 +177,7 @@ class CompressResult:
     folded: list[tuple[str, str]] = field(repr=False)
     decisions: list[Decision] = field(repr=False)
     evaluation: list[Batch] = field(repr=False, default_factory=list)
-    references: list[list[torch.Tensor]] = field(repr=False, default_factory=list)
+    references: FloatOutputs | list[list[torch.Tensor]] = field(repr=False, default_factory=list)
     in_sample: bool = True
     timings: dict[str, float] = field(default_factory=dict)
     workers: list[dict[str, Any]] = field(default_factory=list)
@@ -303,9 +303,13 @@ def run_scoring(backend: ScoringBackend, prepared: Prepared, settings: Quantizat
                   settings.sensitivity_mode)
 
 
+def _outputs_of(references: FloatOutputs | list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    return references.get() if isinstance(references, FloatOutputs) else references
+
+
 def finish(float_model: nn.Module, scores: Scores, settings: QuantizationSettings,
            folded: list[tuple[str, str]], evaluation: list[Batch],
-           references: list[list[torch.Tensor]], in_sample: bool, evaluate: bool,
+           references: FloatOutputs | list[list[torch.Tensor]], in_sample: bool, evaluate: bool,
            previous: CompressResult | None = None,
            known_thresholds: pa.Table | None = None) -> CompressResult:
     """Plan, build the compressed model and compute the tables from stored scores.
@@ -333,7 +337,7 @@ def finish(float_model: nn.Module, scores: Scores, settings: QuantizationSetting
     def fidelity_for(candidate: list[Decision]) -> Fidelity:
         # The chosen plan's model is already built; other plans are built for the measurement.
         built = model if candidate == decisions else build_for(candidate)
-        return measure(built, evaluation, references)
+        return measure(built, evaluation, _outputs_of(references))
 
     def bytes_for(candidate: list[Decision]) -> int:
         return tables.model_bytes(float_bytes, scores.layers, candidate, sizes)

@@ -26,6 +26,28 @@ def reference_outputs(model: nn.Module, batches: list[Batch]) -> list[list[torch
         return [[t.detach().float().cpu() for t in float_tensors(call_model(model, b))] for b in batches]
 
 
+class FloatOutputs:
+    """The float model's outputs on the held-out batches, computed on first use and then kept.
+
+    Re-planning from a stored table that already contains every plan's error never needs them, so
+    `rayq plan` skips the float pass in that case.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[Batch]):
+        self._model = model
+        self._batches = batches
+        self._outputs: list[list[torch.Tensor]] | None = None
+
+    def get(self) -> list[list[torch.Tensor]]:
+        if self._outputs is None:
+            self._outputs = reference_outputs(self._model, self._batches)
+        return self._outputs
+
+    @property
+    def computed(self) -> bool:
+        return self._outputs is not None
+
+
 def _per_sample_cosines(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if ref.dim() == 0:
         return torch.empty(0, dtype=torch.float64)
