@@ -6,6 +6,7 @@ errors, and validation reports every problem at once.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Literal
 
@@ -239,7 +240,7 @@ def format_validation_error(exc: ValidationError, source: str,
         if error["loc"] and error["loc"][0] in flag_fields:
             path = "--" + path.replace("_", "-")
         if error["type"] == "extra_forbidden":
-            problems.append(f"{path}: unknown key; check its spelling against `rayq compress --help`")
+            problems.append(f"{path}: unknown key; {_spelling_hint(error, exc.title)}")
             continue
         if error["type"] == "missing":
             problems.append(f"{path}: missing; set it in the job file or with --{path.replace('_', '-')}")
@@ -329,11 +330,22 @@ def _fleet_problem(error: dict, index: int, own_values: dict) -> str:
     path = ".".join(str(p) for p in error["loc"])
     prefix = f"models.{index}" if key in own_values or error["type"] == "missing" else "defaults"
     if error["type"] == "extra_forbidden":
-        return f"{prefix}.{path}: unknown key; check its spelling against `rayq compress --help`"
+        return f"{prefix}.{path}: unknown key; {_spelling_hint(error, JobConfig.__name__)}"
     if error["type"] == "missing":
         return f"{prefix}.{path}: missing; set it in the model's entry or in defaults"
     message = error["msg"].removeprefix("Value error, ")
     return f"{prefix}.{path}: invalid value {error.get('input')!r}: {message}"
+
+
+def _spelling_hint(error: dict, model_name: str) -> str:
+    """Suggest the field that an unknown key most likely misspells, if one is close enough."""
+    model = {cls.__name__: cls for cls in (JobConfig, QuantizationSettings, ExecutionSettings,
+                                           FinetuneSettings, FleetConfig)}.get(model_name)
+    key = str(error["loc"][-1]) if error["loc"] else ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1) if model else []
+    if close:
+        return f"did you mean `{close[0]}`?"
+    return "check its spelling against `rayq compress --help`"
 
 
 def load_fleet(data: dict, source: str) -> FleetConfig:

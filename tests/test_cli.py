@@ -459,13 +459,15 @@ def test_job_file_typos_reported_at_once(workspace, tmp_path, capsys):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({
         "modle": FACTORY, "calibration": str(workspace / "calibration.safetensors"),
-        "treshold": 0.01, "batch_size": -2, "workers": 0, "output": str(output),
+        "treshold": 0.01, "batch_size": -2, "workers": 0, "output": str(output), "banana": 1,
     }))
     assert main(["compress", str(job)]) == 2
     err = capsys.readouterr().err
     assert f"invalid settings in {job}" in err
-    for problem in ("modle: unknown key", "treshold: unknown key",
-                    "batch_size: invalid value -2", "workers: invalid value 0", "model:"):
+    for problem in ("modle: unknown key; did you mean `model`?",
+                    "treshold: unknown key; did you mean `threshold`?",
+                    "batch_size: invalid value -2", "workers: invalid value 0", "model:",
+                    "banana: unknown key; check its spelling against `rayq compress --help`"):
         assert problem in err
     assert "Traceback" not in err
     assert_nothing_written(output)

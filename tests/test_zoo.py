@@ -59,7 +59,7 @@ def test_fleet_problems_reported_at_once():
     })
     text = "\n".join(problems)
     assert "defaults.output: not allowed" in text
-    assert "models.0.treshold: unknown key" in text
+    assert "models.0.treshold: unknown key; did you mean `threshold`?" in text
     assert "models.1.workers: invalid value 0" in text
     assert "defaults.threshold: invalid value -1" in text
 
@@ -70,7 +70,7 @@ def test_fleet_rejects_repeated_names_and_unknown_keys():
             {"name": "a", "model": "m", "calibration": "c"},
             {"name": "a", "model": "m", "calibration": "c"}]}, "fleet.yaml")
     text = "\n".join(caught.value.problems)
-    assert "model: unknown key" in text
+    assert "model: unknown key; did you mean `models`?" in text
     assert "repeated: a" in text
 
 
