@@ -6,8 +6,8 @@ peak-RSS mark (writing 5 to /proc/self/clear_refs) and records the resident size
 The phase's peak is VmHWM from /proc/self/status after the phase. Two figures come from it:
 - `added_bytes`, peak minus baseline: the memory the phase itself added.
 - `held_bytes`, that plus the bytes of the model's tensors and of the batches: what a GPU
-  worker's device holds during the phase. The interpreter, its libraries and the tokenizer,
-  which a device never holds, stay out of it.
+  worker's device keeps during the phase. The interpreter, its libraries and the tokenizer,
+  which a device never keeps, stay out of it.
 Where the mark cannot be reset, ru_maxrss is used instead and the output names that method,
 because that peak may then be the one reached while loading.
 """

@@ -425,7 +425,8 @@ def test_ratio_ticks_keep_apart():
     # The MiniLM demo's axis: 90.9 MB float, sizes from about 20 to 94 MB.
     limits = (19.5, 94.3)
     ticks = _ratio_ticks(90.9, limits)
-    assert ticks[0] == 1 and 4 in ticks
+    assert ticks[0] == 1
+    assert 4 in ticks
     positions = [90.9 / ratio for ratio in ticks]
     gaps = [a - b for a, b in zip(positions, positions[1:])]
     assert min(gaps) >= RATIO_TICK_GAP * (limits[1] - limits[0])

@@ -197,7 +197,7 @@ def _ratio_axis(axes, points: list[ThresholdPoint]) -> None:
 # Candidate ticks of the compression-ratio axis. The axis is 1 / size, so its ticks crowd toward
 # small sizes, and evenly spaced ratios would print on top of each other there.
 RATIO_TICKS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-# The least distance between two ratio ticks, as a fraction of the size axis.
+# The minimum distance between two ratio ticks, as a fraction of the size axis.
 RATIO_TICK_GAP = 0.06
 
 
